@@ -1,0 +1,137 @@
+"""The one place that knows which transformers version is installed.
+
+Every difference between the tested transformers releases (4.57.x .. 5.24.x) lives here:
+the vision tower's return type, the language model's cache keyword, ``cache_position``,
+config keys for M-RoPE, and where the processors keep their pixel budgets. The rest of
+the package calls these helpers and never branches on a version itself.
+"""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+import transformers
+from packaging.version import Version
+from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize  # noqa: F401  (re-exported)
+
+TRANSFORMERS_VERSION = Version(transformers.__version__)
+TESTED_RANGE = (Version("4.57.0"), Version("5.25.0"))  # [floor, ceiling)
+
+
+def check_version() -> None:
+    """Raise if transformers is outside the range this package is tested against."""
+    lo, hi = TESTED_RANGE
+    if not lo <= TRANSFORMERS_VERSION < hi:
+        raise ImportError(
+            f"transformers {TRANSFORMERS_VERSION} is outside the tested range [{lo}, {hi}); "
+            f"install one with: pip install 'transformers>={lo},<{hi}'"
+        )
+
+
+# ---------------------------------------------------------------- model internals
+
+def vision_tower(model) -> torch.nn.Module:
+    """The Qwen2.5-VL vision transformer (``model.model.visual`` since 4.52)."""
+    return model.model.visual
+
+
+def language_model(model) -> torch.nn.Module:
+    """The decoder-only text model (``model.model.language_model`` since 4.52)."""
+    return model.model.language_model
+
+
+def encode_vision(model, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
+    """(P, C*T*p*p) patches, (n, 3) grids -> (P / merge^2, D) merged embeddings, grid order."""
+    visual = vision_tower(model)
+    out = visual(pixel_values.to(visual.dtype), grid_thw=grid_thw)
+    # 4.57 returns the merged tensor; 5.x returns BaseModelOutputWithPooling(pooler_output=merged).
+    return out if torch.is_tensor(out) else out.pooler_output
+
+
+@lru_cache(maxsize=None)
+def _forward_params(cls) -> frozenset:
+    return frozenset(inspect.signature(cls.forward).parameters)
+
+
+def cache_kwargs(module: torch.nn.Module, cache, cache_len: int, n_new: int, device) -> dict:
+    """Keyword arguments that hand ``cache`` to ``module.forward`` (a text model or the full model).
+
+    4.57 names it ``past_key_values`` and wants ``cache_position``; 5.x renamed it ``cache``
+    (``past_key_values`` is a deprecated alias until 5.40) and dropped ``cache_position``.
+    """
+    params = _forward_params(type(module))
+    kw = {"cache" if "cache" in params else "past_key_values": cache, "use_cache": True}
+    if "cache_position" in params:
+        kw["cache_position"] = torch.arange(cache_len, cache_len + n_new, device=device)
+    return kw
+
+
+def new_dynamic_cache(config):
+    """transformers' own DynamicCache, for the offline reference path."""
+    from transformers import DynamicCache
+
+    try:
+        return DynamicCache(config=config)
+    except TypeError:  # very old signature without config
+        return DynamicCache()
+
+
+# ---------------------------------------------------------------- configs
+
+def text_config(config):
+    """The text sub-config (5.x nests it; 4.57 also mirrors its fields at the top level)."""
+    return getattr(config, "text_config", None) or config
+
+
+def dtype_kwarg(dtype) -> dict:
+    """``from_pretrained`` keyword for the weights' dtype (``torch_dtype`` before 4.56)."""
+    return {"dtype" if TRANSFORMERS_VERSION >= Version("4.56.0") else "torch_dtype": dtype}
+
+
+# ---------------------------------------------------------------- processors
+
+@dataclass(frozen=True)
+class PixelConfig:
+    """What frame preprocessing needs from a Qwen2.5-VL image or video processor."""
+
+    patch_size: int
+    merge_size: int
+    temporal_patch_size: int
+    min_pixels: int
+    max_pixels: int
+    image_mean: tuple[float, float, float]
+    image_std: tuple[float, float, float]
+
+    @property
+    def factor(self) -> int:
+        return self.patch_size * self.merge_size
+
+
+def pixel_config(proc) -> PixelConfig:
+    """Read the pixel budget and normalisation from an image or video processor.
+
+    4.57 keeps ``min_pixels``/``max_pixels`` as attributes (and mirrors them in ``size``);
+    5.x keeps only ``size={"shortest_edge": min, "longest_edge": max}``.
+    """
+    size = getattr(proc, "size", None) or {}
+    min_px = size.get("shortest_edge", getattr(proc, "min_pixels", None))
+    max_px = size.get("longest_edge", getattr(proc, "max_pixels", None))
+    if min_px is None or max_px is None:
+        raise ValueError(f"processor {type(proc).__name__} has no pixel budget (size={size!r})")
+    return PixelConfig(
+        patch_size=int(proc.patch_size),
+        merge_size=int(proc.merge_size),
+        temporal_patch_size=int(proc.temporal_patch_size),
+        min_pixels=int(min_px),
+        max_pixels=int(max_px),
+        image_mean=tuple(float(x) for x in proc.image_mean),
+        image_std=tuple(float(x) for x in proc.image_std),
+    )
+
+
+def video_processor(processor):
+    """The processor's video processor (4.57 and 5.x both have ``video_processor``)."""
+    vp = getattr(processor, "video_processor", None)
+    return vp if vp is not None else processor.image_processor

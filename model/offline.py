@@ -1,0 +1,154 @@
+"""The native (offline) path: the whole transcript in one standard transformers forward.
+
+This is what a user would write without streaming: placeholder tokens expanded in the
+prompt, ``pixel_values_videos`` for all frames at once, and ``model(...)`` with transformers'
+own embedding merge, mask and ``DynamicCache``. The only thing it takes from this project
+is the position function (``positions.transcript_positions``) and the frame preprocessing,
+so streamed and offline results are comparable on every transformers version (DESIGN.md 3-4).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence
+
+import torch
+
+from . import compat
+from .frames import pad_to_temporal_patch, patchify, resize_frames, target_size, to_frame_list
+from .positions import transcript_positions
+from .prompt import VISION_END, VISION_START, extract_vision_segment, render
+
+# A transcript is a list of segments:
+#   ("text", str) | ("ids", list[int]) | ("video", frames, fps) | ("image", image)
+Segment = tuple
+
+
+@dataclass
+class NativeInputs:
+    input_ids: torch.Tensor  # (1, T)
+    positions: torch.Tensor  # (3, T) M-RoPE positions
+    pixel_values_videos: Optional[torch.Tensor] = None  # (P_v, C*T*p*p)
+    video_grid_thw: Optional[torch.Tensor] = None  # (n_videos, 3)
+    second_per_grid_ts: list[float] = field(default_factory=list)
+    pixel_values: Optional[torch.Tensor] = None  # (P_i, C*T*p*p)
+    image_grid_thw: Optional[torch.Tensor] = None  # (n_images, 3)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.input_ids.shape[1]
+
+
+def build_inputs(model, processor, segments: Sequence[Segment]) -> NativeInputs:
+    """Segments -> one tokenised transcript with every frame preprocessed at once, on the model's device."""
+    device = model.device
+    tok = getattr(processor, "tokenizer", processor)
+    vpix = compat.pixel_config(compat.video_processor(processor))
+    ipix = compat.pixel_config(processor.image_processor)
+    image_id, video_id = tok.convert_tokens_to_ids(["<|image_pad|>", "<|video_pad|>"])
+    ids: list[int] = []
+    vids, vgrids, spgts, imgs, igrids = [], [], [], [], []
+    for seg in segments:
+        kind = seg[0]
+        if kind == "text":
+            ids += tok.encode(seg[1], add_special_tokens=False)
+        elif kind == "ids":
+            ids += list(seg[1])
+        elif kind in ("video", "image"):
+            pix = vpix if kind == "video" else ipix
+            raw = to_frame_list(seg[1])
+            size = target_size(raw[0].shape[1], raw[0].shape[2], pix)
+            frames = pad_to_temporal_patch(resize_frames(raw, size, device=device), pix.temporal_patch_size)
+            patches, grid = patchify(frames, pix)
+            n_tokens = grid[0] * grid[1] * grid[2] // pix.merge_size**2
+            ids += [video_id if kind == "video" else image_id] * n_tokens
+            if kind == "video":
+                vids.append(patches)
+                vgrids.append(grid)
+                spgts.append(pix.temporal_patch_size / float(seg[2]))
+            else:
+                imgs.append(patches)
+                igrids.append(grid)
+        else:
+            raise ValueError(f"unknown transcript segment {kind!r}")
+    positions = transcript_positions(
+        ids, image_token_id=image_id, video_token_id=video_id, image_grids=igrids, video_grids=vgrids,
+        second_per_grid_ts=spgts, merge_size=model.config.vision_config.spatial_merge_size,
+        tokens_per_second=model.config.vision_config.tokens_per_second,
+    )
+    return NativeInputs(
+        input_ids=torch.tensor([ids], dtype=torch.long, device=device), positions=positions,
+        pixel_values_videos=torch.cat(vids) if vids else None, video_grid_thw=_grids(vgrids, device),
+        second_per_grid_ts=spgts, pixel_values=torch.cat(imgs) if imgs else None, image_grid_thw=_grids(igrids, device),
+    )
+
+
+def _grids(grids: list, device) -> Optional[torch.Tensor]:
+    return torch.tensor(grids, dtype=torch.long, device=device) if grids else None
+
+
+def chat_segments(processor, question: str, video: Any = None, fps: float = 2.0,
+                  add_generation_prompt: bool = True) -> list[Segment]:
+    """The standard single-turn prompt: system + user(video, question) + assistant header."""
+    content = ([{"type": "video"}] if video is not None else []) + [{"type": "text", "text": question}]
+    text = render(processor, [{"role": "user", "content": content}], add_generation_prompt)
+    if video is None:
+        return [("text", text)]
+    before, _, after = extract_vision_segment(text)
+    return [("text", before + VISION_START), ("video", video, fps), ("text", VISION_END + after)]
+
+
+def _forward(model, inputs: NativeInputs, cache, logits_to_keep: int):
+    kw = dict(input_ids=inputs.input_ids, logits_to_keep=logits_to_keep,
+              position_ids=inputs.positions.to(model.device)[:, None])  # (3, 1, T)
+    if inputs.pixel_values_videos is not None:
+        kw.update(pixel_values_videos=inputs.pixel_values_videos, video_grid_thw=inputs.video_grid_thw,
+                  second_per_grid_ts=torch.tensor(inputs.second_per_grid_ts, device=model.device))
+    if inputs.pixel_values is not None:
+        kw.update(pixel_values=inputs.pixel_values, image_grid_thw=inputs.image_grid_thw)
+    kw.update(compat.cache_kwargs(model, cache, cache.get_seq_length(), inputs.num_tokens, model.device))
+    return model(**kw).logits.float()
+
+
+@torch.no_grad()
+def native_logits(model, inputs: NativeInputs, all_tokens: bool = False) -> torch.Tensor:
+    """(1, T|1, V) float32 logits of a one-shot offline prefill."""
+    return _forward(model, inputs, compat.new_dynamic_cache(model.config), 0 if all_tokens else 1)
+
+
+@dataclass
+class NativeAnswer:
+    token_ids: list[int]
+    ttft_s: float  # prefill (vision encoder included) -> first token
+    total_s: float
+    first_logits: torch.Tensor  # (V,)
+
+
+@torch.no_grad()
+def native_generate(model, inputs: NativeInputs, max_new_tokens: int, stop_ids: set[int]) -> NativeAnswer:
+    """Greedy prefill + decode with transformers' forward and DynamicCache, positions from us."""
+    sync = (lambda: torch.cuda.synchronize(model.device)) if model.device.type == "cuda" else (lambda: None)
+    sync()
+    t0 = time.perf_counter()
+    cache = compat.new_dynamic_cache(model.config)
+    logits = _forward(model, inputs, cache, 1)[:, -1]
+    first = logits[0].clone()
+    next_pos = int(inputs.positions.max()) + 1
+    tokens, ttft = [], None
+    while True:
+        tok = int(logits.argmax(-1))
+        if ttft is None:
+            sync()
+            ttft = time.perf_counter() - t0
+        if tok in stop_ids:
+            break
+        tokens.append(tok)
+        if len(tokens) >= max_new_tokens:
+            break
+        step = NativeInputs(input_ids=torch.tensor([[tok]], device=model.device),
+                            positions=torch.full((3, 1), next_pos, dtype=torch.long))
+        logits = _forward(model, step, cache, 1)[:, -1]
+        next_pos += 1
+    sync()
+    return NativeAnswer(tokens, ttft, time.perf_counter() - t0, first)
+
