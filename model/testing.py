@@ -50,9 +50,9 @@ TINY_CONFIG = dict(
     vocab_size=151936, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
     num_attention_heads=4, num_key_value_heads=2, hidden_act="silu", max_position_embeddings=32768,
     rms_norm_eps=1e-6, rope_theta=1000000.0, rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]},
-    tie_word_embeddings=True, use_sliding_window=False, initializer_range=0.5, **_TOKEN_IDS,
+    tie_word_embeddings=True, use_sliding_window=False, initializer_range=0.25, **_TOKEN_IDS,
     vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
-                       fullatt_block_indexes=[1], initializer_range=0.5, **_VISION_COMMON),
+                       fullatt_block_indexes=[1], initializer_range=0.05, **_VISION_COMMON),
 )
 
 # Qwen2.5-VL-3B-Instruct's architecture (DESIGN.md section 7); random weights for timing only.
@@ -71,11 +71,16 @@ _CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 
 
 def _tokenizer_json() -> str:
-    """A byte-level BPE with no merges (one token per byte) plus the Qwen special tokens at their real ids."""
+    """A byte-level BPE with no merges (one token per byte) plus the Qwen special tokens at their real ids.
+
+    Ids 256..151642 are filler tokens that encoding never produces (they keep the vocab
+    contiguous, as some transformers versions require).
+    """
     from tokenizers import AddedToken, Tokenizer, decoders, models
     from tokenizers.pre_tokenizers import ByteLevel
 
     vocab = {c: i for i, c in enumerate(sorted(ByteLevel.alphabet()))}
+    vocab.update({f"<|filler_{i}|>": i for i in range(len(vocab), FIRST_SPECIAL_ID)})
     vocab.update({s: FIRST_SPECIAL_ID + i for i, s in enumerate(SPECIAL_TOKENS)})
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = ByteLevel(add_prefix_space=False, use_regex=True)
