@@ -25,7 +25,8 @@ def _one_frame(frame: Any, index: int) -> torch.Tensor:
     if isinstance(frame, np.ndarray):
         if frame.dtype == object:
             raise TypeError(f"{where}: numpy array of dtype object is not an image")
-        t = torch.from_numpy(np.ascontiguousarray(frame))
+        frame = np.ascontiguousarray(frame)
+        t = torch.from_numpy(frame if frame.flags.writeable else frame.copy())
     elif isinstance(frame, torch.Tensor):
         t = frame.detach()
     else:

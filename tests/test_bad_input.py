@@ -1,0 +1,119 @@
+"""Bad input gets a clear exception that names the problem, and the stream is left unchanged."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from model import VideoStreamInference
+from model.offline import build_inputs, chat_segments, native_logits
+from model.testing import synthetic_frames
+from tests.conftest import assert_same_signature, signature
+
+GOOD = synthetic_frames(3, 90, 120)
+
+BAD_FRAMES = [
+    ([], ValueError, "empty"),
+    (np.zeros((90, 120), np.uint8), ValueError, "grayscale"),
+    (np.zeros((90, 120, 4), np.uint8), ValueError, "RGBA"),
+    (np.zeros((90, 120, 3), np.int32), TypeError, "int32"),
+    (np.zeros((2, 2, 90, 120, 3), np.uint8), ValueError, "shape"),
+    (torch.full((90, 120, 3), float("nan")), ValueError, "NaN"),
+    (torch.full((3, 90, 120), 2.0), ValueError, r"\[0, 1\]"),
+    (Image.new("L", (120, 90)), ValueError, "mode"),
+    (Image.new("RGBA", (120, 90)), ValueError, "mode"),
+    ("frame.png", TypeError, "str"),
+    ([GOOD[0], None], TypeError, "frame 1"),
+    (np.zeros((1, 90, 3), np.uint8), ValueError, "too small"),
+]
+
+
+@pytest.mark.parametrize("frames,exc,match", BAD_FRAMES, ids=[str(i) for i in range(len(BAD_FRAMES))])
+@pytest.mark.parametrize("pending", [False, True])
+def test_bad_frames_raise_and_leave_stream_unchanged(engine, frames, exc, match, pending):
+    engine.append_frames(GOOD[:3] if pending else GOOD[:2], fps=2)
+    before = signature(engine)
+    with pytest.raises(exc, match=match):
+        engine.append_frames(frames, fps=2)
+    assert_same_signature(before, signature(engine))
+
+
+@pytest.mark.parametrize("fps", [0, -1, float("nan"), float("inf"), "30", True])
+def test_bad_fps(engine, fps):
+    engine.append_frames(GOOD[:2], fps=2)
+    before = signature(engine)
+    with pytest.raises(ValueError, match="fps"):
+        engine.append_frames(GOOD[:2], fps=fps)
+    assert_same_signature(before, signature(engine))
+
+
+def test_fps_change_inside_one_video_is_refused(engine):
+    engine.append_frames(GOOD[:2], fps=2)
+    before = signature(engine)
+    with pytest.raises(ValueError, match="fps changed"):
+        engine.append_frames(GOOD[:2], fps=30)
+    assert_same_signature(before, signature(engine))
+    engine.append_frames(GOOD[:2])  # fps=None keeps the stream's fps
+    assert engine.state.fps == 2
+
+
+@pytest.mark.parametrize("call,exc,match", [
+    (lambda e: e.ask(42), TypeError, "question must be a str"),
+    (lambda e: e.ask(None), TypeError, "question must be a str"),
+    (lambda e: e.ask("   "), ValueError, "empty"),
+    (lambda e: e.ask("ok?", max_new_tokens=0), ValueError, "max_new_tokens"),
+    (lambda e: e.ask("ok?", beams=4), TypeError, "unknown generation option"),
+    (lambda e: e.ask("ok?", do_sample=True, temperature=0), ValueError, "temperature"),
+    (lambda e: e.ask_choice("ok?", []), ValueError, "choices is empty"),
+    (lambda e: e.ask_choice("ok?", ["a", "b", "a"]), ValueError, "duplicate"),
+    (lambda e: e.ask_choice("ok?", "ab"), TypeError, "list of strings"),
+    (lambda e: e.ask_choice("ok?", ["a", 3]), TypeError, "must be a str"),
+    (lambda e: e.ask_choice("ok?", ["a", ""]), ValueError, "empty"),
+    (lambda e: e.ask_choice(["ok?"], ["a"]), TypeError, "question"),
+    (lambda e: e.append_image(GOOD[:2]), ValueError, "one image"),
+])
+def test_bad_questions_and_choices(engine, call, exc, match):
+    engine.append_frames(GOOD, fps=2)  # odd: a frame is held
+    before = signature(engine)
+    with pytest.raises(exc, match=match):
+        call(engine)
+    assert_same_signature(before, signature(engine))
+
+
+def test_frame_of_different_size_midstream_is_resized(engine, tiny):
+    model, proc = tiny
+    big = synthetic_frames(4, 180, 240, seed=2)  # same aspect, twice the size
+    odd = synthetic_frames(1, 100, 100, seed=3)  # other aspect too
+    engine.append_frames(GOOD[:2], fps=4)
+    engine.append_frames(big + odd, fps=4)
+    assert engine.state.frame_size == (84, 112)
+    ans = engine.ask("What?", max_new_tokens=2)
+    ref = native_logits(model, build_inputs(model, proc, chat_segments(proc, "What?", GOOD[:2] + big + odd, 4)))
+    assert (ans.first_logits - ref[0, -1]).abs().max() <= 1e-4
+
+
+def test_accepted_frame_types_give_identical_caches(tiny):
+    model, proc = tiny
+    f = GOOD[0]
+    variants = [
+        [f, f], np.stack([f, f]), [Image.fromarray(f)] * 2, [torch.from_numpy(f)] * 2,
+        [torch.from_numpy(f).permute(2, 0, 1)] * 2, [torch.from_numpy(f).float() / 255] * 2,
+    ]
+    sigs = []
+    for v in variants:
+        e = VideoStreamInference(model, proc)
+        e.append_frames(v, fps=2)
+        sigs.append(signature(e))
+    for s in sigs[1:]:
+        assert_same_signature(sigs[0], s)
+
+
+def test_missing_model_path():
+    with pytest.raises(ValueError, match="Model not found"):
+        VideoStreamInference.from_pretrained("/no/such/qwen/checkpoint")
+
+
+def test_plain_transformers_model_is_refused(tiny):
+    with pytest.raises(TypeError, match="StreamQwenModel"):
+        VideoStreamInference(torch.nn.Linear(2, 2), tiny[1])

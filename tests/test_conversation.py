@@ -1,0 +1,91 @@
+"""Multi-turn streams (ask(update_state=True)) and image blocks equal their offline transcript."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from model.offline import build_inputs, native_logits
+from model.prompt import VISION_END, VISION_START
+from model.testing import synthetic_frames
+
+TOL = 1e-4
+
+
+def offline_last_logits(engine, segments):
+    model, proc = engine.model, engine.processor
+    return native_logits(model, build_inputs(model, proc, segments))[0, -1]
+
+
+def test_two_turns_with_odd_frames_equal_offline_transcript(engine):
+    pieces = engine.pieces
+    a, b = synthetic_frames(5, 90, 120, seed=1), synthetic_frames(4, 90, 120, seed=2)
+    engine.append_frames(a[:2], fps=2)
+    engine.append_frames(a[2:], fps=2)  # 5 frames: the 5th is held, then committed padded
+    first = engine.ask("What happened?", update_state=True, max_new_tokens=5)
+    assert engine.state.turns == 1 and not engine.state.turn_open and engine.state.pending_frame is None
+    engine.append_frames(b, fps=4)  # new turn, new video block, different fps is fine
+    second = engine.ask("And now?", max_new_tokens=3)
+
+    transcript = [
+        ("text", pieces.first_turn_header + VISION_START), ("video", a, 2),
+        ("text", VISION_END + pieces.question("What happened?")), ("ids", first.token_ids),
+        ("text", pieces.answer_tail + pieces.turn_header + VISION_START), ("video", b, 4),
+        ("text", VISION_END + pieces.question("And now?")),
+    ]
+    diff = (second.first_logits - offline_last_logits(engine, transcript)).abs().max()
+    assert diff <= TOL, diff
+
+
+def test_text_only_turn_after_video_turn(engine):
+    pieces = engine.pieces
+    a = synthetic_frames(4, 90, 120)
+    engine.append_frames(a, fps=2)
+    first = engine.ask("Describe.", update_state=True, max_new_tokens=4)
+    second = engine.ask("Why?", max_new_tokens=2)
+    transcript = [
+        ("text", pieces.first_turn_header + VISION_START), ("video", a, 2),
+        ("text", VISION_END + pieces.question("Describe.")), ("ids", first.token_ids),
+        ("text", pieces.answer_tail + pieces.turn_header + pieces.question("Why?")),
+    ]
+    assert (second.first_logits - offline_last_logits(engine, transcript)).abs().max() <= TOL
+
+
+def test_image_blocks_between_videos_equal_offline(engine):
+    pieces = engine.pieces
+    img = np.asarray(synthetic_frames(1, 100, 70, seed=5)[0])
+    v1, v2 = synthetic_frames(3, 90, 120, seed=3), synthetic_frames(2, 90, 120, seed=4)
+    engine.append_frames(v1, fps=1)  # odd: committed padded when the image closes the block
+    info = engine.append_image(img)
+    assert info.tokens_added > 0 and engine.state.block_start is None
+    engine.append_frames(v2, fps=1)  # a new video block, temporal index restarts at 0
+    ans = engine.ask("What was in the picture?", max_new_tokens=3)
+    transcript = [
+        ("text", pieces.first_turn_header + VISION_START), ("video", v1, 1),
+        ("text", VISION_END + VISION_START), ("image", img), ("text", VISION_END + VISION_START),
+        ("video", v2, 1), ("text", VISION_END + pieces.question("What was in the picture?")),
+    ]
+    assert (ans.first_logits - offline_last_logits(engine, transcript)).abs().max() <= TOL
+
+
+def test_single_image_mode(engine):
+    pieces = engine.pieces
+    img = synthetic_frames(1, 120, 120, seed=9)[0]
+    engine.append_image(img)
+    ans = engine.ask("What shape?", max_new_tokens=2)
+    transcript = [("text", pieces.first_turn_header + VISION_START), ("image", img),
+                  ("text", VISION_END + pieces.question("What shape?"))]
+    assert (ans.first_logits - offline_last_logits(engine, transcript)).abs().max() <= TOL
+
+
+def test_reset_starts_a_new_stream(engine):
+    engine.append_frames(synthetic_frames(4, 90, 120), fps=2)
+    engine.ask("x?", update_state=True, max_new_tokens=2)
+    engine.reset()
+    assert engine.kv.get_seq_length() == 0 and engine.state.frames_seen == 0 and engine.state.turns == 0
+    frames = synthetic_frames(2, 90, 120)
+    engine.append_frames(frames, fps=2)
+    ans = engine.ask("y?", max_new_tokens=2)
+    transcript = [("text", engine.pieces.first_turn_header + VISION_START), ("video", frames, 2),
+                  ("text", VISION_END + engine.pieces.question("y?"))]
+    assert (ans.first_logits - offline_last_logits(engine, transcript)).abs().max() <= TOL
+    assert torch.isfinite(ans.first_logits).all()

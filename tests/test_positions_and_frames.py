@@ -1,0 +1,72 @@
+"""The position function follows Qwen's reference formula; frame patches match the real processor."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from model import compat
+from model.frames import patchify, resize_frames, to_frame_list
+from model.positions import text_positions, transcript_positions, vision_positions
+
+
+def reference_video_positions(start, grid_t, h, w, fps, tps=2, tp=2):
+    """Qwen's formula written out element by element (DESIGN.md section 4)."""
+    spgt = torch.tensor(tp / fps, dtype=torch.float32)
+    out = []
+    for g in range(grid_t):
+        t = int((torch.tensor(g) * spgt * tps).item())  # floor after the multiplication, in float32
+        for r in range(h):
+            for c in range(w):
+                out.append((start + t, start + r, start + c))
+    return torch.tensor(out).T
+
+
+@pytest.mark.parametrize("fps", [1, 2, 4, 30, 29.97])
+def test_vision_positions_follow_reference(fps):
+    got = vision_positions(7, 40, 3, 5, second_per_grid_t=2 / fps, tokens_per_second=2)
+    assert torch.equal(got, reference_video_positions(7, 40, 3, 5, fps))
+
+
+def test_chunked_blocks_continue_the_temporal_index():
+    whole = vision_positions(3, 9, 2, 2, second_per_grid_t=2 / 30, tokens_per_second=2)
+    parts = torch.cat([vision_positions(3, n, 2, 2, t_offset=o, second_per_grid_t=2 / 30, tokens_per_second=2)
+                       for o, n in [(0, 2), (2, 3), (5, 1), (6, 3)]], dim=1)
+    assert torch.equal(whole, parts)
+
+
+def test_high_fps_is_not_truncated():
+    """transformers 4.52-5.17 truncated second_per_grid_t to an int: every t collapsed to 0 above 2 fps."""
+    t = vision_positions(0, 16, 1, 1, second_per_grid_t=2 / 30, tokens_per_second=2)[0]
+    assert t.tolist() == [math.floor(g * (2 / 30) * 2 + 1e-9) for g in range(16)] and t.max() == 2
+
+
+def test_text_after_long_video_starts_after_max_temporal_position():
+    """transformers >= 5.3 uses s + max(h, w) here; the reference uses max over t, h, w."""
+    ids = [1, 2] + [9] * (20 * 2 * 2) + [3, 4]
+    pos = transcript_positions(ids, image_token_id=8, video_token_id=9, video_grids=[(20, 4, 4)],
+                               second_per_grid_ts=[2 / 1], merge_size=2, tokens_per_second=2)
+    video_t_max = 2 + 19 * 4  # start 2, t = 4g
+    assert pos[:, -2].tolist() == [video_t_max + 1] * 3 and pos[:, -1].tolist() == [video_t_max + 2] * 3
+    assert torch.equal(pos[:, :2], text_positions(0, 2))
+
+
+def test_image_block_positions_have_t_zero():
+    ids = [8] * 6
+    pos = transcript_positions(ids, image_token_id=8, video_token_id=9, image_grids=[(1, 4, 6)], merge_size=2)
+    assert pos[0].tolist() == [0] * 6 and pos[1].tolist() == [0, 0, 0, 1, 1, 1] and pos[2].tolist() == [0, 1, 2] * 2
+
+
+def test_patchify_matches_transformers_video_processor(tiny):
+    """Our patches equal the real Qwen2VL video processor's on frames already at the target size."""
+    _, proc = tiny
+    vp = compat.video_processor(proc)
+    pix = compat.pixel_config(vp)
+    rng = np.random.default_rng(0)
+    frames = [rng.integers(0, 256, (84, 112, 3), dtype=np.uint8) for _ in range(4)]
+    ours, grid = patchify(resize_frames(to_frame_list(frames), (84, 112)), pix)
+    theirs = vp(videos=[np.stack(frames)], return_tensors="pt", do_resize=False)
+    assert tuple(theirs["video_grid_thw"][0].tolist()) == grid
+    assert torch.allclose(ours, theirs["pixel_values_videos"].float(), atol=1e-5), (ours - theirs["pixel_values_videos"]).abs().max()
