@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from model import compat
-from model.frames import patchify, resize_frames, to_frame_list
+from model.frames import pad_to_temporal_patch, patchify, resize_frames, to_frame_list
 from model.positions import text_positions, transcript_positions, vision_positions
 
 
@@ -59,14 +59,16 @@ def test_image_block_positions_have_t_zero():
     assert pos[0].tolist() == [0] * 6 and pos[1].tolist() == [0, 0, 0, 1, 1, 1] and pos[2].tolist() == [0, 1, 2] * 2
 
 
-def test_patchify_matches_transformers_video_processor(tiny):
-    """Our patches equal the real Qwen2VL video processor's on frames already at the target size."""
+@pytest.mark.parametrize("n_frames", [4, 3], ids=["even", "odd-padded"])
+def test_patchify_matches_transformers_video_processor(tiny, n_frames):
+    """Our patches (and odd-frame padding) equal the real Qwen2VL video processor's on frames at the target size."""
     _, proc = tiny
     vp = compat.video_processor(proc)
     pix = compat.pixel_config(vp)
     rng = np.random.default_rng(0)
-    frames = [rng.integers(0, 256, (84, 112, 3), dtype=np.uint8) for _ in range(4)]
-    ours, grid = patchify(resize_frames(to_frame_list(frames), (84, 112)), pix)
+    frames = [rng.integers(0, 256, (84, 112, 3), dtype=np.uint8) for _ in range(n_frames)]
+    resized = pad_to_temporal_patch(resize_frames(to_frame_list(frames), (84, 112)), pix.temporal_patch_size)
+    ours, grid = patchify(resized, pix)
     theirs = vp(videos=[np.stack(frames)], return_tensors="pt", do_resize=False)
     assert tuple(theirs["video_grid_thw"][0].tolist()) == grid
     assert torch.allclose(ours, theirs["pixel_values_videos"].float(), atol=1e-5), (ours - theirs["pixel_values_videos"]).abs().max()
