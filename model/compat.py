@@ -78,6 +78,16 @@ def new_dynamic_cache(config):
         return DynamicCache()
 
 
+def dynamic_cache_bytes(cache) -> int:
+    """Bytes held by a transformers DynamicCache (``layers[i].keys`` in 4.56+ and 5.x)."""
+    total = 0
+    for layer in getattr(cache, "layers", []):
+        for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+            if torch.is_tensor(t):
+                total += t.numel() * t.element_size()
+    return total
+
+
 # ---------------------------------------------------------------- configs
 
 def text_config(config):

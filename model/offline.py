@@ -122,6 +122,7 @@ class NativeAnswer:
     ttft_s: float  # prefill (vision encoder included) -> first token
     total_s: float
     first_logits: torch.Tensor  # (V,)
+    cache_bytes: int = 0
 
 
 @torch.no_grad()
@@ -150,5 +151,5 @@ def native_generate(model, inputs: NativeInputs, max_new_tokens: int, stop_ids: 
         logits = _forward(model, step, cache, 1)[:, -1]
         next_pos += 1
     sync()
-    return NativeAnswer(tokens, ttft, time.perf_counter() - t0, first)
+    return NativeAnswer(tokens, ttft, time.perf_counter() - t0, first, compat.dynamic_cache_bytes(cache))
 
