@@ -69,8 +69,8 @@ class Sampler:
     do_sample: bool
     generator: Optional[torch.Generator]
 
-    def __call__(self, generated: torch.Tensor, logits: torch.Tensor) -> int:
-        """generated: (1, k) ids so far; logits: (1, V) float32 -> next token id."""
+    def __call__(self, generated: Optional[torch.Tensor], logits: torch.Tensor) -> int:
+        """generated: (1, k) ids so far (None without processors); logits: (1, V) float32 -> next token id."""
         scores = self.processors(generated, logits) if len(self.processors) else logits
         if not self.do_sample:
             return int(scores.argmax(-1))
@@ -128,7 +128,8 @@ def decode(
     ttft = None
     device = first_logits.device
     while True:
-        tok = sampler(torch.tensor([tokens], dtype=torch.long, device=device), logits)
+        generated = torch.tensor([tokens], dtype=torch.long, device=device) if sampler.processors else None
+        tok = sampler(generated, logits)
         if ttft is None:
             sync()
             ttft = time.perf_counter() - t0

@@ -30,6 +30,10 @@ class StreamKVCache:
         self.values: list[torch.Tensor | None] = [None] * num_layers
         self.length = 0  # committed tokens
         self.pending = 0  # tokens written by the forward in flight
+        self.generation = 0  # bumped whenever buffers are (re)allocated: CUDA graphs must be re-captured
+        # Graph mode (cuda_graphs.py): write at these device indices and return whole buffers, so
+        # shapes and addresses stay static; attention then masks everything past the segment.
+        self.static_index: torch.Tensor | None = None
 
     @property
     def capacity(self) -> int:
@@ -41,6 +45,7 @@ class StreamKVCache:
             k = self.keys[i]
             if k is None or k.shape[2] >= n_tokens:
                 continue
+            self.generation += 1
             for buf in (self.keys, self.values):
                 old = buf[i]
                 new = old.new_empty(old.shape[0], old.shape[1], n_tokens, old.shape[3])
@@ -50,9 +55,14 @@ class StreamKVCache:
     # Called by transformers' attention layers (4.57 passes cache_kwargs positionally, 5.x as kwargs=).
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         """(1, H_kv, n, D) new K/V -> (1, H_kv, length+n, D) views of everything cached."""
+        if self.static_index is not None:
+            self.keys[layer_idx].index_copy_(2, self.static_index, key_states)
+            self.values[layer_idx].index_copy_(2, self.static_index, value_states)
+            return self.keys[layer_idx], self.values[layer_idx]
         n = key_states.shape[2]
         end = self.length + n
         if self.keys[layer_idx] is None:
+            self.generation += 1
             shape = (key_states.shape[0], key_states.shape[1], max(end, _GROW_MIN), key_states.shape[3])
             self.keys[layer_idx] = key_states.new_empty(shape)
             self.values[layer_idx] = value_states.new_empty(shape[:3] + (value_states.shape[3],))

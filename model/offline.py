@@ -15,6 +15,7 @@ from typing import Any, Optional, Sequence
 import torch
 
 from . import compat
+from .fast_attention import standard_attention
 from .frames import pad_to_temporal_patch, patchify, resize_frames, target_size, to_frame_list
 from .positions import transcript_positions
 from .prompt import VISION_END, VISION_START, extract_vision_segment, render
@@ -107,7 +108,8 @@ def _forward(model, inputs: NativeInputs, cache, logits_to_keep: int):
     if inputs.pixel_values is not None:
         kw.update(pixel_values=inputs.pixel_values, image_grid_thw=inputs.image_grid_thw)
     kw.update(compat.cache_kwargs(model, cache, cache.get_seq_length(), inputs.num_tokens, model.device))
-    return model(**kw).logits.float()
+    with standard_attention(model):
+        return model(**kw).logits.float()
 
 
 @torch.no_grad()

@@ -15,6 +15,7 @@ import torch
 from transformers import Qwen2_5_VLForConditionalGeneration
 
 from . import compat
+from .fast_attention import TEXT_IMPL, CausalSpec
 from .kv_cache_manager import StreamKVCache
 from .positions import next_start, text_positions, vision_positions
 
@@ -74,32 +75,44 @@ class StreamQwenModel(Qwen2_5_VLForConditionalGeneration):
         in float32, or None. Does not touch ``stream_state``.
         """
         n = inputs_embeds.shape[1]
-        device = inputs_embeds.device
-        if attention_mask is None:
-            attention_mask = causal_mask(cache.length, n, inputs_embeds.dtype, device)
-        lm = compat.language_model(self)
-        out = lm(
-            inputs_embeds=inputs_embeds,
-            position_ids=positions.to(device)[:, None, :],  # (3, 1, n)
-            attention_mask=attention_mask,
-            **compat.cache_kwargs(lm, cache, cache.length, n, device),
-        )
+        if attention_mask is None and self.config.text_config._attn_implementation != TEXT_IMPL:
+            attention_mask = causal_mask(cache.length, n, inputs_embeds.dtype, inputs_embeds.device)
+        hidden = self.run_language_model(cache, inputs_embeds, positions.to(inputs_embeds.device)[:, None, :], attention_mask)
         cache.advance(n)
         if logits == "none":
             return None
-        hidden = out.last_hidden_state if logits == "all" else out.last_hidden_state[:, -1:]
-        return self.lm_head(hidden).float()
+        return self.lm_head(hidden if logits == "all" else hidden[:, -1:]).float()
+
+    def run_language_model(self, cache, inputs_embeds: torch.Tensor, positions: torch.Tensor, attention_mask):
+        """(1, n, D) embeddings at (3, 1, n) positions through the decoder -> (1, n, D) hidden states.
+
+        ``attention_mask``: an additive (1, 1, n, keys) tensor, a ``CausalSpec``, or None (causal
+        after the cache); the stream attention function takes it as is, inside a per-layer-type dict
+        so that transformers builds no mask of its own.
+        """
+        if self.config.text_config._attn_implementation == TEXT_IMPL:
+            spec = attention_mask if attention_mask is not None else CausalSpec(cache.length)
+            attention_mask = {"full_attention": spec, "sliding_attention": spec}
+        lm = compat.language_model(self)
+        out = lm(inputs_embeds=inputs_embeds, position_ids=positions, attention_mask=attention_mask,
+                 **compat.cache_kwargs(lm, cache, cache.length, inputs_embeds.shape[1], inputs_embeds.device))
+        return out.last_hidden_state
 
     def embed_ids(self, token_ids: torch.Tensor) -> torch.Tensor:
         """(n,) ids -> (1, n, D) embeddings."""
         return self.get_input_embeddings()(token_ids.to(self.device)[None])
 
-    def feed_text(self, cache: StreamKVCache, token_ids: torch.Tensor, logits="last") -> Optional[torch.Tensor]:
-        """Append text tokens at the next free positions; updates ``stream_state``."""
+    def feed_text(self, cache: StreamKVCache, token_ids: torch.Tensor, logits="last", runner=None) -> Optional[torch.Tensor]:
+        """Append text tokens at the next free positions; updates ``stream_state``.
+
+        ``runner`` (a cuda_graphs.GraphRunner) replays a captured forward when it accepts the segment.
+        """
         st = self.stream_state
         assert cache.length == st.last_cache_position, (cache.length, st.last_cache_position)
         pos = text_positions(st.next_position, len(token_ids))
-        out = self.forward_segment(cache, self.embed_ids(token_ids), pos, logits=logits)
+        out = runner(cache, token_ids, pos) if runner is not None and runner.accepts(cache, len(token_ids), logits) else None
+        if out is None:
+            out = self.forward_segment(cache, self.embed_ids(token_ids), pos, logits=logits)
         self.stream_state = replace(
             st, last_cache_position=cache.length, next_position=st.next_position + len(token_ids)
         )

@@ -18,9 +18,10 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from . import compat
+from . import compat, fast_attention
 from .decoding import Answer, ChoiceResult, decode, make_sampler
 from .frames import pad_to_temporal_patch, patchify, resize_frames, target_size, to_frame_list
+from .cuda_graphs import GraphRunner
 from .kv_cache_manager import KVCacheManager
 from .positions import text_positions
 from .prompt import VISION_END, VISION_START, extract_vision_segment, prompt_pieces
@@ -49,7 +50,7 @@ class ChunkInfo:
 class VideoStreamInference:
     """The streaming engine over one ``StreamQwenModel`` (one stream per model instance)."""
 
-    def __init__(self, model: StreamQwenModel, processor: Any):
+    def __init__(self, model: StreamQwenModel, processor: Any, fast: bool = True):
         if not isinstance(model, StreamQwenModel):
             raise TypeError(
                 f"model must be a StreamQwenModel, got {type(model).__name__}; "
@@ -67,6 +68,10 @@ class VideoStreamInference:
         eos = model.generation_config.eos_token_id if model.generation_config is not None else None
         self.stop_ids = set(ids) | set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         self.attn_implementation = model.config._attn_implementation
+        self.fast = fast
+        self.backends = fast_attention.configure(model, fast, self.attn_implementation)
+        graphs = fast and model.device.type == "cuda" and self.backends["text_attention"] == fast_attention.TEXT_IMPL
+        self._runner = GraphRunner(model) if graphs else None
         model.reset_stream()
 
     @classmethod
@@ -199,7 +204,8 @@ class VideoStreamInference:
             "chunks": st.chunks, "turns": st.turns, "next_position": st.next_position,
             "rope_deltas": st.rope_deltas, "frame_size": st.frame_size, "fps": st.fps,
             "device": str(self.model.device), "dtype": str(self.model.dtype).replace("torch.", ""),
-            "attn_implementation": self.attn_implementation, "cache": "preallocated+length-counter",
+            "attn_implementation": self.attn_implementation, **self.backends, "cache": "preallocated+length-counter",
+            "cuda_graphs": "off" if self._runner is None else self._runner.disabled or f"on ({self._runner.captures} captures)",
             "choice_scoring": "tree-batched" if self.attn_implementation in TREE_ATTENTION else "sequential",
             "transformers": str(compat.TRANSFORMERS_VERSION),
         }
@@ -238,7 +244,7 @@ class VideoStreamInference:
     def _feed_ids(self, ids: list[int], logits="none"):
         if not ids:
             return None
-        return self.model.feed_text(self.kv.cache, torch.tensor(ids, dtype=torch.long), logits=logits)
+        return self.model.feed_text(self.kv.cache, torch.tensor(ids, dtype=torch.long), logits=logits, runner=self._runner)
 
     def _feed(self, text: str, logits="none"):
         return self._feed_ids(self._ids(text), logits=logits)

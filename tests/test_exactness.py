@@ -31,14 +31,24 @@ def offline_first_logits(model, proc, frames, fps, question=QUESTION):
     return native_logits(model, build_inputs(model, proc, chat_segments(proc, question, frames, fps)))[0, -1]
 
 
+MODES = {
+    "fast": dict(fast=True),  # stream attention (folded GQA) + batched varlen vision windows
+    "fast-unfolded": dict(fast=True, fold_max_rows=0),  # K/V heads repeated, bottom-right causal bias
+    "standard": dict(fast=False),  # transformers' own sdpa modules with dense masks
+}
+
+
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("size", SIZES, ids=["84x112", "140x196"])
 @pytest.mark.parametrize("fps", [1, 2, 4, 30])
-def test_streamed_question_logits_equal_offline(tiny, fps, size):
+def test_streamed_question_logits_equal_offline(tiny, fps, size, mode, monkeypatch):
     model, proc = tiny
+    opts = dict(MODES[mode])
+    monkeypatch.setattr("model.fast_attention.FOLD_MAX_ROWS", opts.pop("fold_max_rows", 1024))
     n = 25 if fps == 30 else 13  # 30 fps needs >= 8 temporal grids before t moves off 0
     frames = synthetic_frames(n, *size, seed=fps)
     chunks = random_chunks(n, seed=fps * 100 + size[0])
-    engine = VideoStreamInference(model, proc)
+    engine = VideoStreamInference(model, proc, **opts)
     seen = 0
     pauses = {1, len(chunks) // 2, len(chunks) - 1}
     for k, c in enumerate(chunks):

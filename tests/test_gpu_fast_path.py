@@ -1,0 +1,47 @@
+"""On a GPU: the fast path (varlen vision windows, stream attention, CUDA graphs) is exact in fp32.
+
+Skipped without CUDA (CI has no GPU); run on the GPU machine with ``pytest tests/test_gpu_fast_path.py``.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from model import VideoStreamInference
+from model.offline import build_inputs, chat_segments, native_generate
+from model.testing import TINY_CONFIG, build_random_model, synthetic_frames
+from model.timing import set_exact_fp32
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.fixture(scope="module")
+def cuda_tiny(tiny):
+    set_exact_fp32()
+    model = build_random_model(TINY_CONFIG, device="cuda")
+    return model, tiny[1]
+
+
+@pytest.mark.parametrize("size", [(90, 120), (150, 200)])
+def test_graphs_and_fast_attention_equal_offline(cuda_tiny, size):
+    model, proc = cuda_tiny
+    frames = synthetic_frames(11, *size)
+    fast = VideoStreamInference(model, proc, fast=True)
+    for k, c in enumerate([3, 4, 1, 3]):
+        seen = sum([3, 4, 1, 3][:k + 1])
+        fast.append_frames(frames[seen - c:seen], fps=4)
+        a = fast.ask("What?", max_new_tokens=6)
+        b = fast.ask("What?", max_new_tokens=6)  # replays the captured graphs
+        ref = native_generate(model, build_inputs(model, proc, chat_segments(proc, "What?", frames[:seen], 4)), 6,
+                              fast.stop_ids)
+        assert a.token_ids == b.token_ids == ref.token_ids
+        assert (a.first_logits - ref.first_logits).abs().max() <= 1e-4
+        assert torch.equal(a.first_logits, b.first_logits)
+    stats = fast.stats()
+    assert stats["cuda_graphs"].startswith("on") and stats["vision_attention"] != "sdpa", stats
+    choices = ["a", "bb", "c c"]
+    fast_scores = fast.ask_choice("Which?", choices).scores
+    plain = VideoStreamInference(model, proc, fast=False)  # one stream per model: the fast engine is done
+    plain.append_frames(frames, fps=4)
+    plain_scores = plain.ask_choice("Which?", choices).scores
+    assert torch.allclose(torch.tensor(fast_scores), torch.tensor(plain_scores), atol=1e-3, rtol=0)
