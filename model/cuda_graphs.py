@@ -19,22 +19,35 @@ from .kv_cache_manager import StreamKVCache
 BUCKETS = (1, 16, 32, 64, 128)
 
 
+class _EagerReplay:
+    """Stands in for a CUDA graph where there is none (CPU tests): replay re-runs the same static step."""
+
+    def __init__(self, step):
+        self.step = step
+        self.out = step()
+
+    def replay(self) -> None:
+        self.out.copy_(self.step())
+
+
 @dataclass
 class _Graph:
-    graph: torch.cuda.CUDAGraph
+    graph: "torch.cuda.CUDAGraph | _EagerReplay"
     ids: torch.Tensor  # (b,) token ids
     positions: torch.Tensor  # (3, 1, b) M-RoPE positions
     length: torch.Tensor  # () committed cache length
     logits: torch.Tensor  # (1, b, V) float32
+    keep: tuple  # every other tensor the graph reads: it must outlive the graph
 
 
 class GraphRunner:
     """Replays captured forwards of ``model``'s language model for segments of <= 128 tokens."""
 
-    def __init__(self, model):
+    def __init__(self, model, capture: bool = True):
         self.model = model
+        self.capture = capture  # False: run the static-shape step eagerly at each replay (tests on CPU)
         self.graphs: dict[int, _Graph] = {}
-        self.key = None  # (cache identity, cache.generation) the graphs were captured for
+        self.generation = None  # the cache buffers (StreamKVCache.generation) the graphs were captured for
         self.pool = None
         self.captures = 0
         self.disabled: str | None = None  # why graphs were turned off, if they were
@@ -50,10 +63,10 @@ class GraphRunner:
         """
         n = len(token_ids)
         b = next(x for x in BUCKETS if x >= n)
-        cache.reserve(cache.length + b)
-        if self.key != (id(cache), cache.generation):
+        cache.ensure(cache.length + b)
+        if self.generation != cache.generation:  # unique per buffer allocation, across caches too
             self.graphs.clear()
-            self.key = (id(cache), cache.generation)
+            self.generation = cache.generation
         g = self.graphs.get(b)
         if g is None:
             try:
@@ -82,22 +95,25 @@ class GraphRunner:
         def step() -> torch.Tensor:
             index = length + rows  # (b,) where this segment's K/V go
             cache.static_index = index
-            mask = torch.where(cols[None, :] <= index[:, None], hidden, neg)[None, None]  # (1, 1, b, capacity)
-            out = model.run_language_model(cache, model.get_input_embeddings()(ids)[None], positions, mask)
-            return model.lm_head(out).float()
+            try:
+                mask = torch.where(cols[None, :] <= index[:, None], hidden, neg)[None, None]  # (1, 1, b, capacity)
+                out = model.run_language_model(cache, model.get_input_embeddings()(ids)[None], positions, mask)
+                return model.lm_head(out).float()
+            finally:
+                cache.static_index = None
 
-        try:
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                for _ in range(2):  # warm-up outside the graph (allocator, kernels)
-                    step()
-            torch.cuda.current_stream().wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool):
-                logits = step()
-        finally:
-            cache.static_index = None
-        self.pool = graph.pool()
         self.captures += 1
-        return _Graph(graph, ids, positions, length, logits)
+        if not self.capture:
+            replay = _EagerReplay(step)
+            return _Graph(replay, ids, positions, length, replay.out, keep=(rows, cols, hidden))
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):  # warm-up outside the graph (allocator, kernels)
+                step()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            logits = step()
+        self.pool = graph.pool()
+        return _Graph(graph, ids, positions, length, logits, keep=(rows, cols, hidden))

@@ -64,7 +64,7 @@ def text_attention(module, query, key, value, attention_mask, scaling=None, drop
         q = query.reshape(b, hkv, g * n, d)
         m = None if mask is None else mask.repeat(1, 1, g, 1) if mask.shape[2] == n else mask
         out = F.scaled_dot_product_attention(q, key, value, attn_mask=m, scale=scaling)
-        return out.view(b, hq, n, d).transpose(1, 2).contiguous(), None
+        return out.reshape(b, hq, n, d).transpose(1, 2).contiguous(), None
     k = key.repeat_interleave(g, dim=1) if g > 1 else key
     v = value.repeat_interleave(g, dim=1) if g > 1 else value
     out = F.scaled_dot_product_attention(query, k, v, attn_mask=mask, scale=scaling)

@@ -9,12 +9,14 @@ with every snapshot. No model code lives here.
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 _GROW_MIN = 1024  # tokens added at least per reallocation
+_ALLOCATIONS = itertools.count(1)  # process-wide, so no two buffer sets ever share a generation
 
 
 class StreamKVCache:
@@ -30,7 +32,7 @@ class StreamKVCache:
         self.values: list[torch.Tensor | None] = [None] * num_layers
         self.length = 0  # committed tokens
         self.pending = 0  # tokens written by the forward in flight
-        self.generation = 0  # bumped whenever buffers are (re)allocated: CUDA graphs must be re-captured
+        self.generation = 0  # changes whenever buffers are (re)allocated: CUDA graphs must be re-captured
         # Graph mode (cuda_graphs.py): write at these device indices and return whole buffers, so
         # shapes and addresses stay static; attention then masks everything past the segment.
         self.static_index: torch.Tensor | None = None
@@ -45,12 +47,19 @@ class StreamKVCache:
             k = self.keys[i]
             if k is None or k.shape[2] >= n_tokens:
                 continue
-            self.generation += 1
+            self.generation = next(_ALLOCATIONS)
             for buf in (self.keys, self.values):
                 old = buf[i]
-                new = old.new_empty(old.shape[0], old.shape[1], n_tokens, old.shape[3])
+                # zeros, not garbage: graph mode attends over the whole buffer (masked), and 0 * NaN = NaN
+                new = old.new_zeros(old.shape[0], old.shape[1], n_tokens, old.shape[3])
                 new[:, :, : self.length].copy_(old[:, :, : self.length])
                 buf[i] = new
+
+    def ensure(self, n_tokens: int) -> None:
+        """Grow geometrically (x1.5, at least 1024 tokens) if ``n_tokens`` do not fit."""
+        cap = self.capacity
+        if 0 < cap < n_tokens:
+            self.reserve(max(n_tokens, cap + max(cap // 2, _GROW_MIN)))
 
     # Called by transformers' attention layers (4.57 passes cache_kwargs positionally, 5.x as kwargs=).
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
@@ -62,13 +71,12 @@ class StreamKVCache:
         n = key_states.shape[2]
         end = self.length + n
         if self.keys[layer_idx] is None:
-            self.generation += 1
+            self.generation = next(_ALLOCATIONS)
             shape = (key_states.shape[0], key_states.shape[1], max(end, _GROW_MIN), key_states.shape[3])
-            self.keys[layer_idx] = key_states.new_empty(shape)
-            self.values[layer_idx] = value_states.new_empty(shape[:3] + (value_states.shape[3],))
-        elif end > self.keys[layer_idx].shape[2]:
-            cap = self.keys[layer_idx].shape[2]
-            self.reserve(max(end, cap + max(cap // 2, _GROW_MIN)))
+            self.keys[layer_idx] = key_states.new_zeros(shape)
+            self.values[layer_idx] = value_states.new_zeros(shape[:3] + (value_states.shape[3],))
+        else:
+            self.ensure(end)
         self.keys[layer_idx][:, :, self.length : end].copy_(key_states)
         self.values[layer_idx][:, :, self.length : end].copy_(value_states)
         self.pending = n
