@@ -66,6 +66,7 @@ class GraphRunner:
         cache.ensure(cache.length + b)
         if self.generation != cache.generation:  # unique per buffer allocation, across caches too
             self.graphs.clear()
+            self.pool = None  # a pool dies with its graphs; capturing into it again trips the allocator
             self.generation = cache.generation
         g = self.graphs.get(b)
         if g is None:

@@ -1,8 +1,9 @@
 """Attention functions for the fast path, registered with transformers' AttentionInterface.
 
-- ``stream_sdpa`` (text model): grouped-query attention without copying K/V heads where it
-  can (the query heads of one K/V head are folded into the query rows), and masks described
-  by a small ``CausalSpec`` instead of a dense (n, past+n) tensor for long appends.
+- ``stream_sdpa`` (text model): for few query rows (decode, questions) two matmuls over the
+  cache with the query heads of each K/V head folded into rows (K/V read once, never copied);
+  for long appends SDPA with a bottom-right causal bias described by a ``CausalSpec`` instead
+  of a dense (n, past+n) mask.
 - ``stream_flash_varlen`` (vision tower): all windows of a layer in ONE batched SDPA call
   instead of transformers' per-window Python loop (51 ms -> a few ms for a 4-frame chunk).
   transformers hands ``cu_seqlens`` only to implementations whose name contains "flash",
@@ -22,7 +23,8 @@ from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl
 
 TEXT_IMPL = "stream_sdpa"
 VISION_IMPL = "stream_flash_varlen"
-FOLD_MAX_ROWS = 1024  # fold query heads into rows (needs a mask replicated per head) up to this many rows
+FOLD_MAX_ROWS = 1024  # query rows (heads x tokens) up to which the matmul path is used
+ROWS_MAX_SCORES = 96 * 2**20  # ... and score elements per K/V head it may materialise (a 32-token question at 60 s)
 
 
 @dataclass(frozen=True)
@@ -40,34 +42,56 @@ def _dense_causal(past: int, n: int, dtype, device) -> torch.Tensor:
     return mask.masked_fill_(j > past + i, torch.finfo(dtype).min)[None, None]
 
 
+def _expand_heads(x: torch.Tensor, g: int) -> torch.Tensor:
+    """(B, Hkv, L, D) -> (B, Hkv*g, L, D), query head h reading K/V head h // g (as transformers' repeat_kv)."""
+    if g == 1:
+        return x
+    b, h, length, d = x.shape
+    return x[:, :, None].expand(b, h, g, length, d).reshape(b, h * g, length, d)
+
+
+def _rows_attention(query, key, value, mask, scaling, n, g):
+    """Few query rows against a long cache: two batched matmuls, K/V read once and never copied.
+
+    Bandwidth-bound like decoding should be; SDPA kernels parallelise over query rows and
+    leave most of the GPU idle here. Softmax in float32, as transformers' eager attention.
+    """
+    b, hq, _, d = query.shape
+    hkv = key.shape[1]
+    q = query.reshape(b, hkv, g * n, d)  # the g query heads of one K/V head become rows
+    scores = torch.matmul(q, key.transpose(-1, -2)) * scaling  # (B, Hkv, g*n, L)
+    if mask is not None:
+        scores = (scores.view(b, hkv, g, n, -1) + mask[:, :, None]).view(b, hkv, g * n, -1)
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(value.dtype)
+    out = torch.matmul(probs, value)  # (B, Hkv, g*n, D)
+    return out.reshape(b, hq, n, d).transpose(1, 2).contiguous()
+
+
 def text_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """query (B, Hq, n, D), key/value (B, Hkv, L, D) -> ((B, n, Hq, D), None)."""
     b, hq, n, d = query.shape
-    hkv = key.shape[1]
-    g = hq // hkv
+    g = hq // key.shape[1]
+    scaling = scaling if scaling is not None else d**-0.5
     mask = attention_mask
     if isinstance(mask, CausalSpec):
-        if n == 1:
-            mask = None  # one new token sees everything
-        elif n * g <= FOLD_MAX_ROWS:
-            mask = _dense_causal(mask.past, n, query.dtype, query.device)
-        else:
-            # Long appends: bottom-right causal without a dense mask; K/V heads repeated for the kernel.
+        if n * g > FOLD_MAX_ROWS:
+            # Long appends (a video chunk): flash/efficient kernels with a bottom-right causal bias, no dense mask.
             from torch.nn.attention.bias import causal_lower_right
 
-            k = key.repeat_interleave(g, dim=1) if g > 1 else key
-            v = value.repeat_interleave(g, dim=1) if g > 1 else value
-            out = F.scaled_dot_product_attention(query, k, v, attn_mask=causal_lower_right(n, key.shape[2]), scale=scaling)
+            out = F.scaled_dot_product_attention(query, _expand_heads(key, g), _expand_heads(value, g),
+                                                 attn_mask=causal_lower_right(n, key.shape[2]), scale=scaling)
             return out.transpose(1, 2).contiguous(), None
+        mask = None if n == 1 else _dense_causal(mask.past, n, query.dtype, query.device)
     if n * g <= FOLD_MAX_ROWS:
-        # (B, Hkv, g*n, D): the g query heads of each K/V head become rows, K/V are read once, not copied.
-        q = query.reshape(b, hkv, g * n, d)
-        m = None if mask is None else mask.repeat(1, 1, g, 1) if mask.shape[2] == n else mask
+        if g * n * key.shape[2] <= ROWS_MAX_SCORES:
+            return _rows_attention(query, key, value, mask, scaling, n, g), None
+        # Too many scores to materialise: SDPA on the folded rows, mask rows replicated per head, K/V not copied.
+        q = query.reshape(b, key.shape[1], g * n, d)
+        m = None if mask is None else mask.repeat(1, 1, g, 1)
         out = F.scaled_dot_product_attention(q, key, value, attn_mask=m, scale=scaling)
         return out.reshape(b, hq, n, d).transpose(1, 2).contiguous(), None
-    k = key.repeat_interleave(g, dim=1) if g > 1 else key
-    v = value.repeat_interleave(g, dim=1) if g > 1 else value
-    out = F.scaled_dot_product_attention(query, k, v, attn_mask=mask, scale=scaling)
+    out = F.scaled_dot_product_attention(query, _expand_heads(key, g), _expand_heads(value, g), attn_mask=mask,
+                                         scale=scaling)
     return out.transpose(1, 2).contiguous(), None
 
 
