@@ -149,12 +149,16 @@ def measure_mode(engine, frames, repeats, lengths) -> dict:
     pre = lambda: patchify(resize_frames(to_frame_list(raw), (SIZE, SIZE), device=model.device), pix)  # noqa: E731
     patches, grid = pre()
     r["preprocess_ms"] = 1e3 * median(bench(pre, repeats))
-    r["vision_ms"] = 1e3 * median(bench(lambda: model.encode_vision(patches, grid), repeats))
-    emb = model.encode_vision(patches, grid)
+
+    def vision():  # the engine's path: the captured vision graph in fast mode
+        out = engine._vision_graphs(patches, grid) if engine._vision_graphs is not None else None
+        return out if out is not None else model.encode_vision(patches, grid)
+    r["vision_ms"] = 1e3 * median(bench(vision, repeats))
+    emb = vision()
 
     def lm_append():
         engine.kv.snapshot()
-        model.feed_vision(engine.kv.cache, emb, grid)
+        model.feed_vision(engine.kv.cache, emb, grid, runner=engine._runner)
         engine.kv.restore()
     r["lm_append_ms"] = 1e3 * median(bench(lm_append, repeats))
     r["chunk_ms"] = 1e3 * chunk_time(engine, frames[60:], repeats)

@@ -42,12 +42,41 @@ def language_model(model) -> torch.nn.Module:
     return model.model.language_model
 
 
-def encode_vision(model, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
+def encode_vision(model, pixel_values: torch.Tensor, grid_thw: torch.Tensor, **static) -> torch.Tensor:
     """(P, C*T*p*p) patches, (n, 3) grids -> (P / merge^2, D) merged embeddings, grid order."""
     visual = vision_tower(model)
-    out = visual(pixel_values.to(visual.dtype), grid_thw=grid_thw)
+    out = visual(pixel_values.to(visual.dtype), grid_thw=grid_thw, **static)
     # 4.57 returns the merged tensor; 5.x returns BaseModelOutputWithPooling(pooler_output=merged).
     return out if torch.is_tensor(out) else out.pooler_output
+
+
+def vision_static_kwargs(model, grid_thw: torch.Tensor):
+    """The vision tower's window layout for one grid, precomputed, or None where unsupported.
+
+    transformers >= 5.x (``transformers.vision_utils``) lets the vision forward take these as
+    keyword arguments instead of computing them with host syncs (``.tolist()``/``.item()``),
+    which is what makes the tower capturable in a CUDA graph. 4.57 has no such hook.
+    """
+    try:
+        from transformers.utils.generic import get_max_seqlen
+        from transformers.vision_utils import (
+            get_vision_attention_seqlens,
+            get_vision_position_ids,
+            get_vision_window_index,
+        )
+    except ImportError:
+        return None
+    visual = vision_tower(model)
+    cu_seqlens, max_seqlen = get_vision_attention_seqlens(grid_thw, visual.config)
+    window_index, cu_window_seqlens = get_vision_window_index(
+        grid_thw, spatial_merge_size=visual.spatial_merge_size, window_size=visual.window_size,
+        patch_size=visual.patch_size,
+    )
+    return {
+        "position_ids": get_vision_position_ids(grid_thw, visual.spatial_merge_size),
+        "cu_seqlens": cu_seqlens, "max_seqlen": max_seqlen, "window_index": window_index,
+        "cu_window_seqlens": cu_window_seqlens, "max_window_seqlen": get_max_seqlen(cu_window_seqlens, visual.config),
+    }
 
 
 @lru_cache(maxsize=None)

@@ -129,7 +129,7 @@ class StreamQwenModel(Qwen2_5_VLForConditionalGeneration):
     def close_vision_block(self) -> None:
         self.stream_state = replace(self.stream_state, block_start=None, next_t_index=0, second_per_grid_t=None)
 
-    def feed_vision(self, cache: StreamKVCache, embeds: torch.Tensor, grid_thw: tuple[int, int, int]) -> None:
+    def feed_vision(self, cache: StreamKVCache, embeds: torch.Tensor, grid_thw: tuple[int, int, int], runner=None) -> None:
         """Append a chunk's (n, D) vision embeddings to the open block; updates ``stream_state``."""
         st = self.stream_state
         assert st.block_start is not None, "feed_vision() needs an open vision block"
@@ -143,7 +143,9 @@ class StreamQwenModel(Qwen2_5_VLForConditionalGeneration):
             tokens_per_second=self.config.vision_config.tokens_per_second,
         )
         assert pos.shape[1] == embeds.shape[0], f"{pos.shape[1]} positions for {embeds.shape[0]} embeddings"
-        self.forward_segment(cache, embeds[None].to(self.dtype), pos, logits="none")
+        embeds = embeds[None].to(self.dtype)  # (1, n, D)
+        if not (runner is not None and runner.accepts_embeds(cache, embeds.shape[1]) and runner.run_embeds(cache, embeds, pos)):
+            self.forward_segment(cache, embeds, pos, logits="none")
         self.stream_state = replace(
             st,
             last_cache_position=cache.length,

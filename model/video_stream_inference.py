@@ -21,7 +21,7 @@ import torch
 from . import compat, fast_attention
 from .decoding import Answer, ChoiceResult, decode, make_sampler
 from .frames import pad_to_temporal_patch, patchify, resize_frames, target_size, to_frame_list
-from .cuda_graphs import GraphRunner
+from .cuda_graphs import GraphRunner, VisionGraphs
 from .kv_cache_manager import KVCacheManager
 from .positions import text_positions
 from .prompt import VISION_END, VISION_START, extract_vision_segment, prompt_pieces
@@ -72,6 +72,8 @@ class VideoStreamInference:
         self.backends = fast_attention.configure(model, fast, self.attn_implementation)
         graphs = fast and model.device.type == "cuda" and self.backends["text_attention"] == fast_attention.TEXT_IMPL
         self._runner = GraphRunner(model) if graphs else None
+        vision_graphs = graphs and self.backends["vision_attention"] == fast_attention.VISION_IMPL
+        self._vision_graphs = VisionGraphs(model) if vision_graphs else None
         model.reset_stream()
 
     @classmethod
@@ -137,8 +139,7 @@ class VideoStreamInference:
         with self._transaction(commit=True):
             before = self.kv.get_seq_length()
             self._ensure_turn()
-            self._close_block()
-            self._feed(VISION_START)
+            self._close_block(VISION_START)
             self.model.open_vision_block(0.0)
             self._feed_frames(frames, self.image_pixels)
             self._close_block()
@@ -205,7 +206,7 @@ class VideoStreamInference:
             "rope_deltas": st.rope_deltas, "frame_size": st.frame_size, "fps": st.fps,
             "device": str(self.model.device), "dtype": str(self.model.dtype).replace("torch.", ""),
             "attn_implementation": self.attn_implementation, **self.backends, "cache": "preallocated+length-counter",
-            "cuda_graphs": "off" if self._runner is None else self._runner.disabled or f"on ({self._runner.captures} captures)",
+            "cuda_graphs": _graph_status(self._runner), "vision_graphs": _graph_status(self._vision_graphs),
             "choice_scoring": "tree-batched" if self.attn_implementation in TREE_ATTENTION else "sequential",
             "transformers": str(compat.TRANSFORMERS_VERSION),
         }
@@ -252,7 +253,10 @@ class VideoStreamInference:
     def _feed_frames(self, frames: torch.Tensor, pixels) -> None:
         """(2k, 3, H, W) resized frames -> vision embeddings -> the open block."""
         patches, grid = patchify(frames, pixels)
-        self.model.feed_vision(self.kv.cache, self.model.encode_vision(patches, grid), grid)
+        embeds = self._vision_graphs(patches, grid) if self._vision_graphs is not None else None
+        if embeds is None:
+            embeds = self.model.encode_vision(patches, grid)
+        self.model.feed_vision(self.kv.cache, embeds, grid, runner=self._runner)
 
     def _ensure_turn(self) -> None:
         if not self.state.turn_open:
@@ -260,22 +264,24 @@ class VideoStreamInference:
             self._feed(self.pieces.first_turn_header if first else self.pieces.turn_header)
             self.state = replace(self.state, turn_open=True)
 
-    def _close_block(self) -> None:
-        """Close an open video block; a held odd frame is encoded padded first (as the processor pads)."""
-        if self.state.block_start is None:
-            return
-        if self.state.pending_frame is not None:
-            pair = pad_to_temporal_patch(self.state.pending_frame[None], self.video_pixels.temporal_patch_size)
-            self._feed_frames(pair, self.video_pixels)
-            self.state = replace(self.state, pending_frame=None)
-        self._feed(VISION_END)
-        self.model.close_vision_block()
+    def _close_block(self, then: str = "", logits="none"):
+        """Close an open video block and feed ``then`` in the same segment (one forward, not two).
+
+        A held odd frame is encoded padded first (the last frame repeated, as the processor pads).
+        """
+        if self.state.block_start is not None:
+            if self.state.pending_frame is not None:
+                pair = pad_to_temporal_patch(self.state.pending_frame[None], self.video_pixels.temporal_patch_size)
+                self._feed_frames(pair, self.video_pixels)
+                self.state = replace(self.state, pending_frame=None)
+            self.model.close_vision_block()
+            then = VISION_END + then
+        return self._feed(then, logits=logits) if then else None
 
     def _open_question(self, question: str) -> torch.Tensor:
         """Close the block and feed the question + assistant header; returns (1, 1, V) logits."""
         self._ensure_turn()
-        self._close_block()
-        return self._feed(self.pieces.question(question), logits="last")
+        return self._close_block(self.pieces.question(question), logits="last")
 
     def _score_branches(self, choice_ids: list[list[int]]) -> list[torch.Tensor]:
         """Logits (n_k, V) of every choice's tokens after the shared prefix; one forward when possible."""
@@ -325,3 +331,9 @@ class VideoStreamInference:
         if dupes:
             raise ValueError(f"duplicate choices: {dupes}")
         return [self._ids(c) for c in choices]
+
+
+def _graph_status(graphs) -> str:
+    if graphs is None:
+        return "off"
+    return graphs.disabled or f"on ({graphs.captures} captures)"

@@ -9,7 +9,8 @@ from __future__ import annotations
 import torch
 
 from model import VideoStreamInference
-from model.cuda_graphs import GraphRunner
+from model import compat
+from model.cuda_graphs import GraphRunner, VisionGraphs
 from model.offline import build_inputs, chat_segments, native_generate
 from model.testing import synthetic_frames
 
@@ -17,6 +18,7 @@ from model.testing import synthetic_frames
 def graph_engine(model, proc):
     engine = VideoStreamInference(model, proc, fast=True)
     engine._runner = GraphRunner(model, capture=False)
+    engine._vision_graphs = VisionGraphs(model, capture=False)
     return engine
 
 
@@ -33,7 +35,10 @@ def test_static_path_equals_offline_across_pauses(tiny):
                               engine.stop_ids)
         assert a.token_ids == b.token_ids == ref.token_ids
         assert (a.first_logits - ref.first_logits).abs().max() <= 1e-4
-    assert engine._runner.captures == 2  # one question bucket, one decode bucket
+    assert engine._runner.captures == 4  # question bucket, decode bucket, chunks of 1 and 2 temporal patches
+    vision_hook = compat.vision_static_kwargs(model, torch.tensor([[1, 6, 8]])) is not None
+    assert engine.stats()["vision_graphs"] == ("on (2 captures)" if vision_hook else
+                                               "off (capture failed: this transformers version cannot take a precomputed vision window layout)")
 
 
 def test_growth_recaptures_and_stays_exact(tiny):
