@@ -72,11 +72,13 @@ def vision_static_kwargs(model, grid_thw: torch.Tensor):
         grid_thw, spatial_merge_size=visual.spatial_merge_size, window_size=visual.window_size,
         patch_size=visual.patch_size,
     )
-    return {
+    static = {
         "position_ids": get_vision_position_ids(grid_thw, visual.spatial_merge_size),
         "cu_seqlens": cu_seqlens, "max_seqlen": max_seqlen, "window_index": window_index,
         "cu_window_seqlens": cu_window_seqlens, "max_window_seqlen": get_max_seqlen(cu_window_seqlens, visual.config),
     }
+    # some come back on the CPU; a host-to-device copy inside a graph capture is not allowed
+    return {k: v.to(grid_thw.device) if torch.is_tensor(v) else v for k, v in static.items()}
 
 
 @lru_cache(maxsize=None)
