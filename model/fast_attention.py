@@ -24,7 +24,7 @@ from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl
 TEXT_IMPL = "stream_sdpa"
 VISION_IMPL = "stream_flash_varlen"
 FOLD_MAX_ROWS = 1024  # query rows (heads x tokens) up to which the matmul path is used
-ROWS_MAX_SCORES = 32 * 2**20  # score elements per K/V head materialised at a time (longer caches: token slices)
+ROWS_MAX_SCORES = 96 * 2**20  # ... and score elements per K/V head it may materialise (a 32-token question at 60 s)
 
 
 @dataclass(frozen=True)
@@ -51,27 +51,20 @@ def _expand_heads(x: torch.Tensor, g: int) -> torch.Tensor:
 
 
 def _rows_attention(query, key, value, mask, scaling, n, g):
-    """Few query rows against a long cache: batched matmuls, K/V never copied.
+    """Few query rows against a long cache: two batched matmuls, K/V read once and never copied.
 
     Bandwidth-bound like decoding should be; SDPA kernels parallelise over query rows and
-    leave most of the GPU idle here. The g query heads of each K/V head are folded into rows;
-    tokens go in slices so that at most ROWS_MAX_SCORES scores per K/V head exist at a time.
-    Softmax in float32, as transformers' eager attention.
+    leave most of the GPU idle here. Softmax in float32, as transformers' eager attention.
     """
     b, hq, _, d = query.shape
-    hkv, length = key.shape[1], key.shape[2]
-    step = max(1, min(n, ROWS_MAX_SCORES // (g * length)))
-    outs = []
-    for i in range(0, n, step):
-        m = min(step, n - i)
-        q = query[:, :, i:i + m].reshape(b, hkv, g * m, d)  # rows ordered (head in group, token)
-        scores = torch.matmul(q, key.transpose(-1, -2)) * scaling  # (B, Hkv, g*m, L)
-        if mask is not None:
-            scores = (scores.view(b, hkv, g, m, length) + mask[:, :, None, i:i + m]).view(b, hkv, g * m, length)
-        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(value.dtype)
-        outs.append(torch.matmul(probs, value).view(b, hq, m, d))
-    out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
-    return out.transpose(1, 2).contiguous()
+    hkv = key.shape[1]
+    q = query.reshape(b, hkv, g * n, d)  # the g query heads of one K/V head become rows
+    scores = torch.matmul(q, key.transpose(-1, -2)) * scaling  # (B, Hkv, g*n, L)
+    if mask is not None:
+        scores = (scores.view(b, hkv, g, n, -1) + mask[:, :, None]).view(b, hkv, g * n, -1)
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(value.dtype)
+    out = torch.matmul(probs, value)  # (B, Hkv, g*n, D)
+    return out.reshape(b, hq, n, d).transpose(1, 2).contiguous()
 
 
 def text_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -90,7 +83,13 @@ def text_attention(module, query, key, value, attention_mask, scaling=None, drop
             return out.transpose(1, 2).contiguous(), None
         mask = None if n == 1 else _dense_causal(mask.past, n, query.dtype, query.device)
     if n * g <= FOLD_MAX_ROWS:
-        return _rows_attention(query, key, value, mask, scaling, n, g), None
+        if g * n * key.shape[2] <= ROWS_MAX_SCORES:
+            return _rows_attention(query, key, value, mask, scaling, n, g), None
+        # Too many scores to materialise: SDPA on the folded rows, mask rows replicated per head, K/V not copied.
+        q = query.reshape(b, key.shape[1], g * n, d)
+        m = None if mask is None else mask.repeat(1, 1, g, 1)
+        out = F.scaled_dot_product_attention(q, key, value, attn_mask=m, scale=scaling)
+        return out.reshape(b, hq, n, d).transpose(1, 2).contiguous(), None
     out = F.scaled_dot_product_attention(query, _expand_heads(key, g), _expand_heads(value, g), attn_mask=mask,
                                          scale=scaling)
     return out.transpose(1, 2).contiguous(), None
