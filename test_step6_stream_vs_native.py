@@ -57,11 +57,13 @@ def stream_once(engine, frames, fps, chunk, question, max_new_tokens, verbose=Fa
         bar.update(1)
     bar.close()
     mem_after_encode = vram()
+    resolution = list(engine.state.frame_size or ())
     ans = engine.ask(question, max_new_tokens=max_new_tokens)
     stats = engine.stats()
     return {"encode_total_s": sum(chunk_s), "encode_chunk_s": chunk_s, "ttft_s": ans.ttft_s,
             "total_qa_s": ans.total_s, "answer": ans.text, "token_ids": ans.token_ids, "first_logits": ans.first_logits,
             "vram_after_encode_mib": mem_after_encode, "vram_mib": vram(), "cache_tokens": stats["cache_tokens"],
+            "resolution": resolution,
             "cache_bytes": stats["cache_bytes"]}
 
 
@@ -211,7 +213,7 @@ def run(argv=None) -> tuple[dict, int]:
     print(f"    {n['tokens']} prompt tokens; prefill (TTFT) {n['ttft_s']:.3f}s; total {n['total_s']:.3f}s")
     print(f"    Answer: {_short(n['answer'])}")
     meta = {**device_info(), "model": desc, "dtype": dtype, "attn_implementation": engine.attn_implementation,
-            "resolution": list(engine.state.frame_size or ()), "fps": fps, "chunk": args.chunk,
+            "resolution": s["resolution"], "fps": fps, "chunk": args.chunk,
             "seconds": args.seconds, "frames": len(frames), "question": args.question,
             "max_new_tokens": args.max_new_tokens, "repeats": repeats}
     print_report(s, n, agree, meta, exact)

@@ -97,7 +97,7 @@ def run(argv=None) -> tuple[dict, int]:
 
 
 def test_chunk_sizes_give_the_same_cache():
-    out, code = run(["--seconds", "0.4", "--repeats", "1"])  # 12 frames: every chunk size divides evenly but 3
+    out, code = run(["--seconds", "0.4", "--repeats", "1"])  # 12 frames: no chunk size ends with a held frame
     assert code == 0
     by = {r["chunk"]: r for r in out["results"]}
     assert by[2]["cache_growth_tokens"] == [by[4]["cache_growth_median"] // 2]
