@@ -45,26 +45,24 @@ def run_checks(title: str, checks: list[Callable[[], None]]) -> int:
     return 1 if failed else 0
 
 
-def model_path() -> Optional[str]:
-    """QWEN_MODEL_PATH if it points to a folder; otherwise None, said in one line."""
-    path = os.environ.get("QWEN_MODEL_PATH")
-    if path and os.path.isdir(path):
+def _env_path(var: str, exists, fallback: str) -> Optional[str]:
+    """``$var`` if it names something that ``exists``; otherwise None, said in one line."""
+    path = os.environ.get(var)
+    if path and exists(path):
         return path
-    why = "not set" if not path else f"{path!r} does not exist"
-    print(f"QWEN_MODEL_PATH {why}: using a randomly initialised model.")
+    print(f"{var} {'not set' if not path else repr(path) + ' does not exist'}: using {fallback}.")
     return None
+
+
+def model_path() -> Optional[str]:
+    return _env_path("QWEN_MODEL_PATH", os.path.isdir, "a randomly initialised model")
 
 
 def video_path() -> Optional[str]:
-    path = os.environ.get("VIDEO_PATH")
-    if path and os.path.isfile(path):
-        return path
-    why = "not set" if not path else f"{path!r} does not exist"
-    print(f"VIDEO_PATH {why}: using the synthetic video from model/testing.py.")
-    return None
+    return _env_path("VIDEO_PATH", os.path.isfile, "the synthetic video from model/testing.py")
 
 
-def load_engine(dtype: Optional[str] = None, attn_implementation: str = "sdpa", quiet: bool = False):
+def load_engine(dtype: Optional[str] = None, attn_implementation: str = "sdpa"):
     """(engine, description): the checkpoint if QWEN_MODEL_PATH is set, else random weights.
 
     Random weights: the tiny model on CPU, the full Qwen2.5-VL-3B architecture on a GPU.
@@ -75,8 +73,8 @@ def load_engine(dtype: Optional[str] = None, attn_implementation: str = "sdpa", 
     cuda = torch.cuda.is_available()
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
                    None: torch.bfloat16 if cuda else torch.float32}[dtype]
-    path = model_path() if not quiet else os.environ.get("QWEN_MODEL_PATH")
-    if path and os.path.isdir(path):
+    path = model_path()
+    if path:
         engine = VideoStreamInference.from_pretrained(path, dtype=torch_dtype, attn_implementation=attn_implementation)
         return engine, f"checkpoint {path}"
     if cuda:

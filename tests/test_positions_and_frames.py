@@ -72,3 +72,16 @@ def test_patchify_matches_transformers_video_processor(tiny, n_frames):
     theirs = vp(videos=[np.stack(frames)], return_tensors="pt", do_resize=False)
     assert tuple(theirs["video_grid_thw"][0].tolist()) == grid
     assert torch.allclose(ours, theirs["pixel_values_videos"].float(), atol=1e-5), (ours - theirs["pixel_values_videos"]).abs().max()
+
+
+def test_synthetic_video_file_round_trip(tmp_path):
+    """write_synthetic_video writes an mp4 that read_video reads back (frames, fps, size)."""
+    from model.testing import write_synthetic_video
+    from model.video_io import read_video
+
+    path = write_synthetic_video(tmp_path / "clip.mp4", seconds=1.0, fps=10, height=112, width=140)
+    frames, fps = read_video(path)
+    assert fps == 10 and len(frames) == 10 and frames[0].shape == (112, 140, 3) and frames[0].dtype == np.uint8
+    assert len(read_video(path, seconds=0.5)[0]) == 5
+    with pytest.raises(ValueError, match="Cannot open video"):
+        read_video(tmp_path / "missing.mp4")
