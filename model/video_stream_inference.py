@@ -97,7 +97,7 @@ class VideoStreamInference:
         """Encode a chunk of video frames (any count >= 1) into the open video block."""
         t0 = time.perf_counter()
         st = self.state
-        fps = self._check_fps(fps if fps is not None else (st.fps if st.block_start is not None and st.fps else DEFAULT_FPS))
+        fps = self._check_fps(fps if fps is not None else (st.fps or DEFAULT_FPS))  # None: the stream's last fps
         tp = self.video_pixels.temporal_patch_size
         spgt = tp / fps
         if st.block_start is not None and not math.isclose(spgt, st.second_per_grid_t, rel_tol=0, abs_tol=1e-12):
