@@ -34,8 +34,8 @@ class CausalSpec:
     past: int
 
 
-def _dense_causal(past: int, n: int, dtype, device) -> torch.Tensor:
-    """(1, 1, n, past+n) additive mask."""
+def causal_mask(past: int, n: int, dtype, device) -> torch.Tensor:
+    """(1, 1, n, past+n) additive mask: every cached token visible, causal among the n new ones."""
     i = torch.arange(n, device=device)[:, None]
     j = torch.arange(past + n, device=device)[None, :]
     mask = torch.zeros(n, past + n, dtype=dtype, device=device)
@@ -81,7 +81,7 @@ def text_attention(module, query, key, value, attention_mask, scaling=None, drop
             out = F.scaled_dot_product_attention(query, _expand_heads(key, g), _expand_heads(value, g),
                                                  attn_mask=causal_lower_right(n, key.shape[2]), scale=scaling)
             return out.transpose(1, 2).contiguous(), None
-        mask = None if n == 1 else _dense_causal(mask.past, n, query.dtype, query.device)
+        mask = None if n == 1 else causal_mask(mask.past, n, query.dtype, query.device)
     if n * g <= FOLD_MAX_ROWS:
         if g * n * key.shape[2] <= ROWS_MAX_SCORES:
             return _rows_attention(query, key, value, mask, scaling, n, g), None

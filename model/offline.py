@@ -19,6 +19,7 @@ from .fast_attention import standard_attention
 from .frames import pad_to_temporal_patch, patchify, resize_frames, target_size, to_frame_list
 from .positions import transcript_positions
 from .prompt import VISION_END, VISION_START, extract_vision_segment, render
+from .timing import sync
 
 # A transcript is a list of segments:
 #   ("text", str) | ("ids", list[int]) | ("video", frames, fps) | ("image", image)
@@ -130,7 +131,6 @@ class NativeAnswer:
 @torch.no_grad()
 def native_generate(model, inputs: NativeInputs, max_new_tokens: int, stop_ids: set[int]) -> NativeAnswer:
     """Greedy prefill + decode with transformers' forward and DynamicCache, positions from us."""
-    sync = (lambda: torch.cuda.synchronize(model.device)) if model.device.type == "cuda" else (lambda: None)
     sync()
     t0 = time.perf_counter()
     cache = compat.new_dynamic_cache(model.config)

@@ -15,7 +15,7 @@ import torch
 from transformers import Qwen2_5_VLForConditionalGeneration
 
 from . import compat
-from .fast_attention import TEXT_IMPL, CausalSpec
+from .fast_attention import TEXT_IMPL, CausalSpec, causal_mask
 from .kv_cache_manager import StreamKVCache
 from .positions import next_start, text_positions, vision_positions
 
@@ -155,15 +155,6 @@ class StreamQwenModel(Qwen2_5_VLForConditionalGeneration):
 
     def reset_stream(self) -> None:
         self.stream_state = StreamState()
-
-
-def causal_mask(past: int, n: int, dtype: torch.dtype, device) -> torch.Tensor:
-    """(1, 1, n, past+n) additive mask: every cached token visible, causal among the new ones."""
-    mask = torch.zeros(n, past + n, dtype=dtype, device=device)
-    if n > 1:
-        tri = torch.triu(torch.ones(n, n, dtype=torch.bool, device=device), diagonal=1)
-        mask[:, past:].masked_fill_(tri, torch.finfo(dtype).min)
-    return mask[None, None]
 
 
 def tree_mask(past: int, lengths: list[int], dtype: torch.dtype, device) -> torch.Tensor:
