@@ -25,9 +25,9 @@ def setup():
 
 def cache_signature(engine) -> tuple:
     """(length, per-layer sums of K and V): changes if any cached value changes."""
-    cache = engine.kv.cache
-    sums = tuple(round(float(t.double().sum()), 6) for i in range(cache.num_layers) for t in cache.layer(i))
-    return cache.length, sums
+    kv = engine.kv
+    sums = tuple(round(float(t.double().sum()), 6) for i in range(kv.cache.num_layers) for t in kv.layer(i))
+    return kv.get_seq_length(), sums
 
 
 def streamed(n_frames: int):

@@ -42,10 +42,15 @@ def language_model(model) -> torch.nn.Module:
     return model.model.language_model
 
 
-def encode_vision(model, pixel_values: torch.Tensor, grid_thw: torch.Tensor, **static) -> torch.Tensor:
-    """(P, C*T*p*p) patches, (n, 3) grids -> (P / merge^2, D) merged embeddings, grid order."""
+def encode_vision(model, pixel_values: torch.Tensor, grid_thw: torch.Tensor, varlen: bool = False,
+                  **static) -> torch.Tensor:
+    """(P, C*T*p*p) patches, (n, 3) grids -> (P / merge^2, D) merged embeddings, grid order.
+
+    ``varlen``: batch all windows of a layer in one call (``fast_attention.vision_attention``);
+    the tower forwards its keyword arguments to the attention function on 4.57 and 5.x alike.
+    """
     visual = vision_tower(model)
-    out = visual(pixel_values.to(visual.dtype), grid_thw=grid_thw, **static)
+    out = visual(pixel_values.to(visual.dtype), grid_thw=grid_thw, stream_varlen=varlen, **static)
     # 4.57 returns the merged tensor; 5.x returns BaseModelOutputWithPooling(pooler_output=merged).
     return out if torch.is_tensor(out) else out.pooler_output
 
@@ -103,10 +108,17 @@ def new_dynamic_cache(config):
     """transformers' own DynamicCache, for the offline reference path."""
     from transformers import DynamicCache
 
-    try:
-        return DynamicCache(config=config)
-    except TypeError:  # very old signature without config
-        return DynamicCache()
+    return DynamicCache(config=config)
+
+
+def register_sdpa_mask(name: str) -> None:
+    """Let ordinary ``model(...)`` calls under attention implementation ``name`` build sdpa's masks.
+
+    4.57 and 5.x both keep the mask builders in ``masking_utils.AttentionMaskInterface``.
+    """
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionMaskInterface.register(name, sdpa_mask)
 
 
 def dynamic_cache_bytes(cache) -> int:
@@ -122,13 +134,13 @@ def dynamic_cache_bytes(cache) -> int:
 # ---------------------------------------------------------------- configs
 
 def text_config(config):
-    """The text sub-config (5.x nests it; 4.57 also mirrors its fields at the top level)."""
-    return getattr(config, "text_config", None) or config
+    """The text sub-config (4.57 and 5.x both nest it)."""
+    return config.text_config
 
 
 def dtype_kwarg(dtype) -> dict:
-    """``from_pretrained`` keyword for the weights' dtype (``torch_dtype`` before 4.56)."""
-    return {"dtype" if TRANSFORMERS_VERSION >= Version("4.56.0") else "torch_dtype": dtype}
+    """``from_pretrained`` keyword for the weights' dtype (``dtype`` from 4.56 on, the floor is 4.57)."""
+    return {"dtype": dtype}
 
 
 # ---------------------------------------------------------------- processors

@@ -1,33 +1,36 @@
-"""CUDA graphs: questions, decode steps, video-chunk appends and the vision tower.
+"""CUDA graphs of one stream: questions, decode steps, video-chunk appends and the vision tower.
 
 transformers runs a forward as hundreds of small kernels launched from Python; on the GPU
 machine that launch work (~30-50 ms per forward) dwarfs the math (~2 ms to read the weights
 for a decode step, ~5 ms of matrix work for a chunk). A graph replays them in one launch.
 
-Graphs need static shapes and addresses:
+Graphs need static shapes and addresses, so each stream owns its graphs, captured against its
+own cache buffers:
 - language model: a segment of n tokens runs in a bucket of b >= n rows (token segments) or
   exactly n rows (embedding segments, i.e. video chunks, whose sizes repeat) against the WHOLE
-  preallocated cache: the cache writes at device indices (``StreamKVCache.static_index``) and a
+  preallocated cache: K/V are written at device indices (a static ``CacheView``) and a
   (1, 1, b, capacity) mask hides everything past each row's position. Pad rows write K/V past
-  the committed length, which later appends overwrite. Graphs are re-captured when the cache's
-  buffers are reallocated (its capacity grows geometrically, so rarely).
+  the working length, which later segments overwrite. Graphs are re-captured when the cache's
+  buffers are replaced (growth; ``StreamConfig.initial_capacity`` avoids it).
 - vision tower: one graph per grid shape, with the window layout precomputed
   (``compat.vision_static_kwargs``) so nothing syncs with the host inside.
 A capture that fails turns that kind of graph off (``disabled`` says why); the caller then
-runs eagerly.
+runs eagerly. Captures hold a process-wide lock (capture mode is global to the device).
 """
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import torch
 
 from . import compat
-from .kv_cache_manager import StreamKVCache
+from .config import StreamConfig
+from .kv_cache_manager import CacheView, KVCacheManager, StreamKVCache
+from .masks import StreamMask, static_causal_mask
 
-BUCKETS = (1, 16, 32, 64, 128)  # token segments (questions, decode steps)
-MAX_EMBED_ROWS = 4096  # embedding segments (video chunks) up to this many tokens
+_CAPTURE_LOCK = threading.Lock()  # one capture at a time in the process (not a setting)
 
 
 class _EagerReplay:
@@ -47,7 +50,7 @@ class _Graph:
     inputs: torch.Tensor  # (b,) token ids, (1, b, D) embeddings, or vision patches
     out: torch.Tensor  # logits (1, b, V), a dummy, or vision embeddings
     positions: Optional[torch.Tensor] = None  # (3, 1, b) M-RoPE positions
-    length: Optional[torch.Tensor] = None  # () committed cache length
+    start: Optional[torch.Tensor] = None  # () where the segment's first token goes
     keep: tuple = field(default=())  # every other tensor the graph reads: it must outlive the graph
 
 
@@ -65,105 +68,105 @@ class _Recorder:
         if not self.capture:
             replay = _EagerReplay(step)
             return replay, replay.out
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(2):  # warm-up outside the graph (allocator, kernels)
-                step()
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
-            out = step()
+        with _CAPTURE_LOCK:
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                for _ in range(2):  # warm-up outside the graph (allocator, kernels)
+                    step()
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
+                out = step()
         self.pool = graph.pool()
         return graph, out
 
     def fail(self, e: Exception) -> None:
         self.disabled = f"off (capture failed: {str(e).splitlines()[0][:120]})"
 
+    def status(self) -> str:
+        return self.disabled or f"on ({self.captures} captures)"
+
 
 class GraphRunner(_Recorder):
-    """Captured language-model forwards of token segments (<= 128) and embedding segments (chunks)."""
+    """Captured language-model forwards of token segments (questions, decode steps) and video chunks."""
 
-    def __init__(self, model, capture: bool = True):
+    def __init__(self, model, kv: KVCacheManager, config: StreamConfig, capture: bool = True):
         super().__init__(capture)
-        self.model = model
+        self.model, self.kv, self.config = model, kv, config
         self.graphs: dict[tuple, _Graph] = {}
-        self.generation = None  # the cache buffers (StreamKVCache.generation) the graphs were captured for
+        self.buffers = None  # the cache buffers the graphs were captured against
 
-    def accepts(self, cache: StreamKVCache, n: int, logits: str) -> bool:
-        return self.disabled is None and logits == "last" and 1 <= n <= BUCKETS[-1] and cache.capacity > 0
+    @property
+    def cache(self) -> StreamKVCache:
+        return self.kv.cache  # read each time: reset() replaces the cache object
 
-    def accepts_embeds(self, cache: StreamKVCache, n: int) -> bool:
-        return self.disabled is None and 1 <= n <= MAX_EMBED_ROWS and cache.capacity > 0
+    def rows(self, kind: str, n: int) -> Optional[int]:
+        """Rows a captured segment of n tokens occupies (its bucket), or None if graphs do not take it."""
+        if self.disabled is not None or n < 1:
+            return None
+        if kind == "ids":
+            return next((b for b in self.config.graph_buckets if b >= n), None)
+        return n if n <= self.config.max_graph_embed_rows else None
 
     @torch.no_grad()
-    def __call__(self, cache: StreamKVCache, token_ids: torch.Tensor, positions: torch.Tensor):
-        """Append n token ids at (3, n) positions -> (1, 1, V) float32 logits of the last one, or None."""
-        n = len(token_ids)
-        g = self._graph(cache, ("ids", next(x for x in BUCKETS if x >= n)))
+    def run(self, kind: str, start: int, inputs: torch.Tensor, positions: torch.Tensor) -> Optional[torch.Tensor]:
+        """Write a segment at ``start``; capacity for ``rows(kind, n)`` tokens must be there.
+
+        kind "ids": (n,) token ids -> (1, 1, V) float32 logits of the last one; kind "embeds":
+        (1, n, D) embeddings -> an empty tensor. None if no graph could be captured.
+        """
+        n = inputs.shape[0] if kind == "ids" else inputs.shape[1]
+        g = self._graph(kind, self.rows(kind, n), start)
         if g is None:
             return None
-        g.inputs[:n].copy_(token_ids, non_blocking=True)
-        self._replay(cache, g, n, positions)
-        return g.out[:, n - 1 : n].clone()
-
-    @torch.no_grad()
-    def run_embeds(self, cache: StreamKVCache, embeds: torch.Tensor, positions: torch.Tensor) -> bool:
-        """Append (1, n, D) embeddings at (3, n) positions; False if no graph could be captured."""
-        g = self._graph(cache, ("embeds", embeds.shape[1]))
-        if g is None:
-            return False
-        g.inputs.copy_(embeds)
-        self._replay(cache, g, embeds.shape[1], positions)
-        return True
-
-    def _replay(self, cache: StreamKVCache, g: _Graph, n: int, positions: torch.Tensor) -> None:
+        if kind == "ids":
+            g.inputs[:n].copy_(inputs, non_blocking=True)
+        else:
+            g.inputs.copy_(inputs)
         g.positions[:, 0, :n].copy_(positions, non_blocking=True)
-        g.positions[:, 0, n:] = g.positions[:, 0, n - 1 : n]
-        g.length.fill_(cache.length)
+        g.positions[:, 0, n:] = g.positions[:, 0, n - 1:n]
+        g.start.fill_(start)
         g.graph.replay()
-        cache.pending = n
-        cache.advance(n)
+        return g.out[:, n - 1:n].clone() if kind == "ids" else g.out[:, :0]
 
-    def _graph(self, cache: StreamKVCache, key: tuple) -> Optional[_Graph]:
-        cache.ensure(cache.length + key[1])
-        if self.generation != cache.generation:  # unique per buffer allocation, across caches too
-            self.graphs.clear()
+    def _graph(self, kind: str, b: int, start: int) -> Optional[_Graph]:
+        if self.buffers is not self.cache.buffers:  # new buffers (growth): every graph points at the old ones
+            self.graphs = {}
             self.pool = None  # a pool dies with its graphs; capturing into it again trips the allocator
-            self.generation = cache.generation
+            self.buffers = self.cache.buffers
+        key = (kind, b)
         if key not in self.graphs:
             try:
-                self.graphs[key] = self._capture(cache, *key)
+                self.graphs[key] = self._capture(kind, b, start)
             except RuntimeError as e:  # e.g. an op that syncs with the host during capture
                 self.fail(e)
                 return None
         return self.graphs[key]
 
-    def _capture(self, cache: StreamKVCache, kind: str, b: int) -> _Graph:
-        model, device = self.model, self.model.device
+    def _capture(self, kind: str, b: int, at: int) -> _Graph:
+        """Record the step; warm-up and capture write K/V at [at, at+b), past the working head."""
+        model, device, cfg = self.model, self.model.device, self.config
         if kind == "ids":
             inputs = torch.zeros(b, dtype=torch.long, device=device)
         else:
-            inputs = torch.zeros(1, b, model.config.text_config.hidden_size, dtype=model.dtype, device=device)
+            inputs = torch.zeros(1, b, compat.text_config(model.config).hidden_size, dtype=model.dtype, device=device)
         positions = torch.zeros(3, 1, b, dtype=torch.long, device=device)
-        length = torch.tensor(cache.length, dtype=torch.long, device=device)
+        start = torch.tensor(at, dtype=torch.long, device=device)
         rows = torch.arange(b, device=device)
-        cols = torch.arange(cache.capacity, device=device)
-        zero, neg = torch.zeros((), dtype=model.dtype, device=device), torch.finfo(model.dtype).min
+        cols = torch.arange(self.cache.capacity, device=device)
+        zero = torch.zeros((), dtype=model.dtype, device=device)
+        buffers = self.cache.buffers
 
         def step() -> torch.Tensor:
-            index = length + rows  # (b,) where this segment's K/V go
-            cache.static_index = index
-            try:
-                mask = torch.where(cols[None, :] <= index[:, None], zero, neg)[None, None]  # (1, 1, b, capacity)
-                embeds = model.get_input_embeddings()(inputs)[None] if kind == "ids" else inputs
-                hidden = model.run_language_model(cache, embeds, positions, mask)
-                return model.lm_head(hidden).float() if kind == "ids" else hidden[:, :1, :1]
-            finally:
-                cache.static_index = None
+            index = start + rows  # (b,) where this segment's K/V go
+            mask = StreamMask(0, static_causal_mask(index, cols, zero), cfg.fold_max_rows, cfg.rows_max_scores)
+            embeds = model.get_input_embeddings()(inputs)[None] if kind == "ids" else inputs
+            hidden = model.run_language_model(CacheView(buffers, 0, index), embeds, positions, mask)
+            return model.lm_head(hidden).float() if kind == "ids" else hidden[:, :1, :1]
 
         graph, out = self.record(step)
-        return _Graph(graph, inputs, out, positions, length, keep=(rows, cols, zero))
+        return _Graph(graph, inputs, out, positions, start, keep=(rows, cols, zero, buffers))
 
 
 class VisionGraphs(_Recorder):
@@ -182,10 +185,11 @@ class VisionGraphs(_Recorder):
         g = self.graphs.get(grid_thw)
         if g is None:
             try:
-                g = self.graphs[grid_thw] = self._capture(pixel_values, grid_thw)
+                g = self._capture(pixel_values, grid_thw)
             except (RuntimeError, ValueError) as e:
                 self.fail(e)
                 return None
+            self.graphs[grid_thw] = g
         g.inputs.copy_(pixel_values)
         g.graph.replay()
         return g.out.clone()
@@ -199,7 +203,7 @@ class VisionGraphs(_Recorder):
         inputs = pixel_values.to(compat.vision_tower(model).dtype).clone()
 
         def step() -> torch.Tensor:
-            return compat.encode_vision(model, inputs, grid, **dict(static))  # the forward pops what it uses
+            return compat.encode_vision(model, inputs, grid, varlen=True, **dict(static))  # the forward pops what it uses
 
         graph, out = self.record(step)
         return _Graph(graph, inputs, out, keep=(grid, tuple(static.values())))

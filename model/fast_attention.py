@@ -1,45 +1,36 @@
-"""Attention functions for the fast path, registered with transformers' AttentionInterface.
+"""Attention functions registered with transformers' AttentionInterface, chosen per call.
 
-- ``stream_sdpa`` (text model): for few query rows (decode, questions) two matmuls over the
-  cache with the query heads of each K/V head folded into rows (K/V read once, never copied);
-  for long appends SDPA with a bottom-right causal bias described by a ``CausalSpec`` instead
-  of a dense (n, past+n) mask.
-- ``stream_flash_varlen`` (vision tower): all windows of a layer in ONE batched SDPA call
-  instead of transformers' per-window Python loop (51 ms -> a few ms for a 4-frame chunk).
-  transformers hands ``cu_seqlens`` only to implementations whose name contains "flash",
-  hence the name; no flash-attn package is involved.
+The model's attention implementation is set once, when a ``StreamQwenModel`` is built on
+``sdpa`` (``install``), to two dispatchers; after that nothing mutates ``model.config``. Each
+call decides by what the stream hands it, so streams with different settings share one model:
 
-Both compute the same function as transformers' ``sdpa`` path (tests compare them).
+- ``stream_text`` (text model): a ``masks.StreamMask`` (fast streams) runs our kernels: for few
+  query rows (decode, questions) two matmuls over the cache with the query heads of each K/V
+  head folded into rows (K/V read once, never copied); for long appends SDPA with a
+  bottom-right causal bias. Anything else (a dense mask from a ``fast=False`` stream, or the
+  mask transformers builds for an ordinary ``model(...)`` call) goes to transformers' own
+  ``sdpa_attention_forward``: the same function as the stock ``sdpa`` implementation.
+- ``stream_flash_varlen`` (vision tower): with ``stream_varlen=True`` in the call's kwargs (fast
+  streams), all windows of a layer in ONE batched SDPA call; otherwise transformers' per-window
+  loop over ``sdpa_attention_forward``, as its ``sdpa`` path does. transformers 5.x hands
+  ``cu_seqlens`` only to implementations whose name contains "flash", hence the name; no
+  flash-attn package is involved. On 4.57 the tower loops over windows itself.
+
+Tests compare both modes with each other and with the offline path.
 """
 from __future__ import annotations
-
-from contextlib import contextmanager
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl
 
-TEXT_IMPL = "stream_sdpa"
+from . import compat
+from .masks import StreamMask, causal_mask
+
+TEXT_IMPL = "stream_text"
 VISION_IMPL = "stream_flash_varlen"
-FOLD_MAX_ROWS = 1024  # query rows (heads x tokens) up to which the matmul path is used
-ROWS_MAX_SCORES = 96 * 2**20  # ... and score elements per K/V head it may materialise (a 32-token question at 60 s)
-
-
-@dataclass(frozen=True)
-class CausalSpec:
-    """The keys are exactly ``past`` cached tokens followed by the n new ones; causal among the new."""
-
-    past: int
-
-
-def causal_mask(past: int, n: int, dtype, device) -> torch.Tensor:
-    """(1, 1, n, past+n) additive mask: every cached token visible, causal among the n new ones."""
-    i = torch.arange(n, device=device)[:, None]
-    j = torch.arange(past + n, device=device)[None, :]
-    mask = torch.zeros(n, past + n, dtype=dtype, device=device)
-    return mask.masked_fill_(j > past + i, torch.finfo(dtype).min)[None, None]
 
 
 def _expand_heads(x: torch.Tensor, g: int) -> torch.Tensor:
@@ -53,8 +44,7 @@ def _expand_heads(x: torch.Tensor, g: int) -> torch.Tensor:
 def _rows_attention(query, key, value, mask, scaling, n, g):
     """Few query rows against a long cache: two batched matmuls, K/V read once and never copied.
 
-    Bandwidth-bound like decoding should be; SDPA kernels parallelise over query rows and
-    leave most of the GPU idle here. Softmax in float32, as transformers' eager attention.
+    Softmax in float32, as transformers' eager attention.
     """
     b, hq, _, d = query.shape
     hkv = key.shape[1]
@@ -67,52 +57,53 @@ def _rows_attention(query, key, value, mask, scaling, n, g):
     return out.reshape(b, hq, n, d).transpose(1, 2).contiguous()
 
 
-def text_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """query (B, Hq, n, D), key/value (B, Hkv, L, D) -> ((B, n, Hq, D), None)."""
+def _stream_kernels(query, key, value, spec: StreamMask, scaling):
+    """query (B, Hq, n, D), key/value (B, Hkv, L, D) -> (B, n, Hq, D)."""
     b, hq, n, d = query.shape
     g = hq // key.shape[1]
-    scaling = scaling if scaling is not None else d**-0.5
-    mask = attention_mask
-    if isinstance(mask, CausalSpec):
-        if n * g > FOLD_MAX_ROWS:
+    mask = spec.dense
+    if mask is None:
+        if n * g > spec.fold_max_rows:
             # Long appends (a video chunk): flash/efficient kernels with a bottom-right causal bias, no dense mask.
             from torch.nn.attention.bias import causal_lower_right
 
             out = F.scaled_dot_product_attention(query, _expand_heads(key, g), _expand_heads(value, g),
                                                  attn_mask=causal_lower_right(n, key.shape[2]), scale=scaling)
-            return out.transpose(1, 2).contiguous(), None
-        mask = None if n == 1 else causal_mask(mask.past, n, query.dtype, query.device)
-    if n * g <= FOLD_MAX_ROWS:
-        if g * n * key.shape[2] <= ROWS_MAX_SCORES:
-            return _rows_attention(query, key, value, mask, scaling, n, g), None
+            return out.transpose(1, 2).contiguous()
+        mask = None if n == 1 else causal_mask(spec.past, n, query.dtype, query.device)
+    if n * g <= spec.fold_max_rows:
+        if g * n * key.shape[2] <= spec.rows_max_scores:
+            return _rows_attention(query, key, value, mask, scaling, n, g)
         # Too many scores to materialise: SDPA on the folded rows, mask rows replicated per head, K/V not copied.
         q = query.reshape(b, key.shape[1], g * n, d)
         m = None if mask is None else mask.repeat(1, 1, g, 1)
         out = F.scaled_dot_product_attention(q, key, value, attn_mask=m, scale=scaling)
-        return out.reshape(b, hq, n, d).transpose(1, 2).contiguous(), None
+        return out.reshape(b, hq, n, d).transpose(1, 2).contiguous()
     out = F.scaled_dot_product_attention(query, _expand_heads(key, g), _expand_heads(value, g), attn_mask=mask,
                                          scale=scaling)
-    return out.transpose(1, 2).contiguous(), None
+    return out.transpose(1, 2).contiguous()
 
 
-def vision_varlen_attention(module, query, key, value, attention_mask=None, scaling=None, dropout=0.0,
-                            cu_seq_lens_q=None, max_length_q=None, **kwargs):
-    """query/key/value (1, H, S, D) packed segments (cu_seq_lens_q) -> ((1, S, H, D), None).
+def text_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """query (B, Hq, n, D), key/value (B, Hkv, L, D) -> ((B, n, Hq, D), None)."""
+    if isinstance(attention_mask, StreamMask):
+        scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
+        return _stream_kernels(query, key, value, attention_mask, scaling), None
+    return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
 
-    Equal segments (every window full, every frame the same size) reshape to a batch; otherwise
-    segments are padded to the longest with a key mask. One SDPA call either way, no host sync.
-    """
+
+def _batched_windows(query, key, value, cu_seqlens, longest: int, scaling):
+    """(1, H, S, D) packed windows -> (1, S, H, D) in one SDPA call, no host sync."""
     _, h, s, d = query.shape
-    n = cu_seq_lens_q.numel() - 1
-    longest = int(max_length_q)
-    if longest * n == s:
+    n = cu_seqlens.numel() - 1
+    if longest * n == s:  # every window full, every frame the same size: a plain batch
         q, k, v = (t[0].view(h, n, longest, d).transpose(0, 1) for t in (query, key, value))  # (n, H, L, D)
         out = F.scaled_dot_product_attention(q, k, v, scale=scaling)
-        return out.transpose(1, 2).reshape(1, s, h, d), None
-    cu = cu_seq_lens_q.to(torch.long)
+        return out.transpose(1, 2).reshape(1, s, h, d)
+    cu = cu_seqlens.to(torch.long)
     tok = torch.arange(s, device=query.device)
-    seg = torch.searchsorted(cu[1:], tok, right=True)  # segment of each token
-    pos = tok - cu[seg]  # position inside its segment
+    seg = torch.searchsorted(cu[1:], tok, right=True)  # window of each token
+    pos = tok - cu[seg]  # position inside its window
     padded = []
     for t in (query, key, value):
         p = t.new_zeros(n, longest, h, d)
@@ -121,11 +112,28 @@ def vision_varlen_attention(module, query, key, value, attention_mask=None, scal
     lengths = cu[1:] - cu[:-1]
     valid = (torch.arange(longest, device=query.device)[None, :] < lengths[:, None])[:, None, None, :]
     out = F.scaled_dot_product_attention(*padded, attn_mask=valid, scale=scaling)  # (n, H, L, D)
-    return out.transpose(1, 2)[seg, pos][None], None
+    return out.transpose(1, 2)[seg, pos][None]
+
+
+def vision_attention(module, query, key, value, attention_mask=None, scaling=None, dropout=0.0,
+                     cu_seq_lens_q=None, max_length_q=None, stream_varlen=False, **kwargs):
+    """query/key/value (1, H, S, D), windows given by cu_seq_lens_q -> ((1, S, H, D), None)."""
+    if cu_seq_lens_q is None:  # 4.57: the tower already split the windows
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
+                                      **kwargs)
+    if stream_varlen:
+        return _batched_windows(query, key, value, cu_seq_lens_q, int(max_length_q), scaling), None
+    # transformers' non-flash branch: one sdpa call per window, concatenated
+    lengths = (cu_seq_lens_q[1:] - cu_seq_lens_q[:-1]).tolist()
+    splits = [torch.split(t, lengths, dim=2) for t in (query, key, value)]
+    outs = [sdpa_attention_forward(module, q, k, v, None, scaling=scaling, dropout=dropout, is_causal=False)[0]
+            for q, k, v in zip(*splits)]
+    return torch.cat(outs, dim=1), None
 
 
 AttentionInterface.register(TEXT_IMPL, text_attention)
-AttentionInterface.register(VISION_IMPL, vision_varlen_attention)
+AttentionInterface.register(VISION_IMPL, vision_attention)
+compat.register_sdpa_mask(TEXT_IMPL)  # ordinary model(...) calls build the masks sdpa would
 
 
 def vision_varlen_supported() -> bool:
@@ -133,23 +141,23 @@ def vision_varlen_supported() -> bool:
     return hasattr(modeling_qwen2_5_vl, "is_flash_attention_requested")
 
 
-@contextmanager
-def standard_attention(model):
-    """Run ``model`` with its loaded attention implementation (the native path must not use ours)."""
-    base = model.config._attn_implementation
-    saved = (model.config.vision_config._attn_implementation, model.config.text_config._attn_implementation)
-    model.config.vision_config._attn_implementation = base
-    model.config.text_config._attn_implementation = base
-    try:
-        yield
-    finally:
-        model.config.vision_config._attn_implementation, model.config.text_config._attn_implementation = saved
+def install(config) -> bool:
+    """Point a fresh model config's text and vision attention at the dispatchers (base ``sdpa`` only).
+
+    Called once by ``StreamQwenModel.__init__``; returns whether the stream kernels are available.
+    """
+    if config._attn_implementation != "sdpa":
+        return False
+    config.text_config._attn_implementation = TEXT_IMPL
+    config.vision_config._attn_implementation = VISION_IMPL
+    return True
 
 
-def configure(model, fast: bool, base: str) -> dict:
-    """Select the attention implementations of ``model`` for this engine; returns what was chosen."""
-    vision = VISION_IMPL if fast and base == "sdpa" and vision_varlen_supported() else base
-    text = TEXT_IMPL if fast and base == "sdpa" else base
-    model.config.vision_config._attn_implementation = vision
-    model.config.text_config._attn_implementation = text
-    return {"vision_attention": vision, "text_attention": text}
+def backends(config, fast: bool) -> dict:
+    """What a stream with ``fast`` runs on this model (reported by ``stats()``)."""
+    installed = config.text_config._attn_implementation == TEXT_IMPL
+    base = config._attn_implementation
+    return {
+        "text_attention": "stream_sdpa" if fast and installed else base,
+        "vision_attention": "stream_flash_varlen" if fast and installed and vision_varlen_supported() else base,
+    }

@@ -2,8 +2,9 @@
 
 This is what a user would write without streaming: placeholder tokens expanded in the
 prompt, ``pixel_values_videos`` for all frames at once, and ``model(...)`` with transformers'
-own embedding merge, mask and ``DynamicCache``. The only thing it takes from this project
-is the position function (``positions.transcript_positions``) and the frame preprocessing,
+own embedding merge, mask and ``DynamicCache``. It runs transformers' stock sdpa
+attention (``StreamQwenModel``'s dispatchers delegate ordinary calls to it). The only thing it
+takes from this project is the position function (``positions.transcript_positions``) and the frame preprocessing,
 so streamed and offline results are comparable on every transformers version (DESIGN.md 3-4).
 """
 from __future__ import annotations
@@ -15,14 +16,15 @@ from typing import Any, Optional, Sequence
 import torch
 
 from . import compat
-from .fast_attention import standard_attention
 from .frames import pad_to_temporal_patch, patchify, resize_frames, target_size, to_frame_list
 from .positions import transcript_positions
-from .prompt import VISION_END, VISION_START, extract_vision_segment, render
+from .prompt import QUESTION_MARK, VISION_END, VISION_START, encode_user_text, extract_vision_segment, render
 from .timing import sync
 
 # A transcript is a list of segments:
-#   ("text", str) | ("ids", list[int]) | ("video", frames, fps) | ("image", image)
+#   ("text", str)   trusted template text (special-token strings become special tokens)
+#   ("user", str)   untrusted user text (kept literal: prompt.encode_user_text)
+#   ("ids", list[int]) | ("video", frames, fps) | ("image", image)
 Segment = tuple
 
 
@@ -54,6 +56,8 @@ def build_inputs(model, processor, segments: Sequence[Segment]) -> NativeInputs:
         kind = seg[0]
         if kind == "text":
             ids += tok.encode(seg[1], add_special_tokens=False)
+        elif kind == "user":
+            ids += encode_user_text(tok, seg[1])
         elif kind == "ids":
             ids += list(seg[1])
         elif kind in ("video", "image"):
@@ -92,12 +96,14 @@ def _grids(grids: list, device) -> Optional[torch.Tensor]:
 def chat_segments(processor, question: str, video: Any = None, fps: float = 2.0,
                   add_generation_prompt: bool = True) -> list[Segment]:
     """The standard single-turn prompt: system + user(video, question) + assistant header."""
-    content = ([{"type": "video"}] if video is not None else []) + [{"type": "text", "text": question}]
+    content = ([{"type": "video"}] if video is not None else []) + [{"type": "text", "text": QUESTION_MARK}]
     text = render(processor, [{"role": "user", "content": content}], add_generation_prompt)
+    head, tail = text.split(QUESTION_MARK)  # the question goes in as literal user text
     if video is None:
-        return [("text", text)]
-    before, _, after = extract_vision_segment(text)
-    return [("text", before + VISION_START), ("video", video, fps), ("text", VISION_END + after)]
+        return [("text", head), ("user", question), ("text", tail)]
+    before, _, after = extract_vision_segment(head)
+    return [("text", before + VISION_START), ("video", video, fps), ("text", VISION_END + after), ("user", question),
+            ("text", tail)]
 
 
 def _forward(model, inputs: NativeInputs, cache, logits_to_keep: int):
@@ -109,8 +115,7 @@ def _forward(model, inputs: NativeInputs, cache, logits_to_keep: int):
     if inputs.pixel_values is not None:
         kw.update(pixel_values=inputs.pixel_values, image_grid_thw=inputs.image_grid_thw)
     kw.update(compat.cache_kwargs(model, cache, cache.get_seq_length(), inputs.num_tokens, model.device))
-    with standard_attention(model):
-        return model(**kw).logits.float()
+    return model(**kw).logits.float()
 
 
 @torch.no_grad()

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 VISION_START = "<|vision_start|>"
 VISION_END = "<|vision_end|>"
 IM_START = "<|im_start|>"
-_MARK = "\x00QUESTION\x00"
+QUESTION_MARK = "\x00QUESTION\x00"
 _ANSWER = "\x00ANSWER\x00"
 
 
@@ -50,11 +50,31 @@ class PromptPieces:
 
     first_turn_header: str  # system prompt + "<|im_start|>user\n" (before the first vision block)
     turn_header: str  # "<|im_start|>user\n" for later turns
-    question_tail: str  # "{question}<|im_end|>\n<|im_start|>assistant\n", with _MARK for the question
+    question_tail: str  # "{question}<|im_end|>\n<|im_start|>assistant\n", with QUESTION_MARK for the question
     answer_tail: str  # closes a committed answer: "<|im_end|>\n"
 
     def question(self, text: str) -> str:
-        return self.question_tail.replace(_MARK, text)
+        """The question tail as text (only for trusted text: special-token strings in it become special ids)."""
+        return self.question_tail.replace(QUESTION_MARK, text)
+
+    def question_ids(self, tokenizer, text: str) -> list[int]:
+        """The question tail as ids, the user's ``text`` tokenised as literal text (``encode_user_text``)."""
+        before, after = self.question_tail.split(QUESTION_MARK)
+        return encode(tokenizer, before) + encode_user_text(tokenizer, text) + encode(tokenizer, after)
+
+
+def encode(tokenizer, text: str) -> list[int]:
+    """Trusted template text -> ids (its special-token strings become special tokens)."""
+    return tokenizer.encode(text, add_special_tokens=False) if text else []
+
+
+def encode_user_text(tokenizer, text: str) -> list[int]:
+    """Untrusted user text -> ids, with special-token strings kept as literal text.
+
+    ``<|im_end|>`` or ``<|video_pad|>`` typed by a user is tokenised like any other characters,
+    so a question cannot close its turn, forge an assistant turn or insert video placeholders.
+    """
+    return tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True) if text else []
 
 
 def render(processor, messages: list[dict], add_generation_prompt: bool = True) -> str:
@@ -65,9 +85,9 @@ def render(processor, messages: list[dict], add_generation_prompt: bool = True) 
 
 def prompt_pieces(processor) -> PromptPieces:
     """Cut the pieces out of the template rendering of a user turn holding a video and a question."""
-    user = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": _MARK}]}]
+    user = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": QUESTION_MARK}]}]
     before, _vision, after = extract_vision_segment(render(processor, user))
-    if _MARK not in after:
+    if QUESTION_MARK not in after:
         raise ValueError("the chat template does not place the question after the video")
     header_at = before.rfind(IM_START)
     turn_header = before[header_at:] if header_at >= 0 else before

@@ -18,7 +18,7 @@ torch.set_num_threads(2)
 
 @pytest.fixture(scope="session")
 def tiny():
-    """(model, processor) shared by all tests; every engine resets the model's stream state."""
+    """(model, processor) shared by all tests; the model is stateless, every engine is its own stream."""
     return build_tiny_model(seed=0)
 
 
@@ -29,16 +29,18 @@ def engine(tiny):
 
 def signature(engine: VideoStreamInference) -> dict:
     """Everything that defines the stream: cache length, live K/V tensors (cloned), every state field."""
-    cache = engine.kv.cache
-    kv = [tuple(t.clone() for t in cache.layer(i)) for i in range(cache.num_layers)] if cache.length else []
-    state = {f.name: getattr(engine.state, f.name) for f in dataclasses.fields(engine.state)}
+    kv_manager = engine.kv
+    length = kv_manager.get_seq_length()
+    kv = [tuple(t.clone() for t in kv_manager.layer(i)) for i in range(kv_manager.cache.num_layers)] if length else []
+    state = {f.name: getattr(engine.stream_state, f.name) for f in dataclasses.fields(engine.stream_state)}
     if state["pending_frame"] is not None:
         state["pending_frame"] = state["pending_frame"].clone()
-    return {"length": cache.length, "kv": kv, "state": state}
+    return {"length": length, "kv": kv, "state": state, "snapshots": kv_manager.snapshot_depth}
 
 
 def assert_same_signature(a: dict, b: dict) -> None:
     assert a["length"] == b["length"], f"cache length {a['length']} != {b['length']}"
+    assert a["snapshots"] == b["snapshots"], f"snapshot depth {a['snapshots']} != {b['snapshots']}"
     assert len(a["kv"]) == len(b["kv"])
     for i, ((ka, va), (kb, vb)) in enumerate(zip(a["kv"], b["kv"])):
         assert torch.equal(ka, kb) and torch.equal(va, vb), f"layer {i} K/V changed"

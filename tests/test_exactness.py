@@ -11,7 +11,7 @@ import random
 import pytest
 import torch
 
-from model import VideoStreamInference
+from model import StreamConfig, VideoStreamInference
 from model.offline import build_inputs, chat_segments, native_generate, native_logits
 from model.testing import synthetic_frames
 
@@ -32,25 +32,22 @@ def offline_first_logits(model, proc, frames, fps, question=QUESTION):
 
 
 MODES = {
-    "fast": dict(fast=True),  # stream attention (folded GQA) + batched varlen vision windows
-    "fast-sdpa-rows": dict(fast=True, rows_max_scores=0),  # few rows through SDPA instead of matmuls
-    "fast-unfolded": dict(fast=True, fold_max_rows=0),  # K/V heads repeated, bottom-right causal bias
-    "standard": dict(fast=False),  # transformers' own sdpa modules with dense masks
+    "fast": StreamConfig(fast=True),  # stream attention (folded GQA) + batched varlen vision windows
+    "fast-sdpa-rows": StreamConfig(fast=True, rows_max_scores=0),  # few rows through SDPA instead of matmuls
+    "fast-unfolded": StreamConfig(fast=True, fold_max_rows=1),  # K/V heads repeated, bottom-right causal bias
+    "standard": StreamConfig(fast=False),  # transformers' own sdpa modules with dense masks
 }
 
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("size", SIZES, ids=["84x112", "140x196"])
 @pytest.mark.parametrize("fps", [1, 2, 4, 30])
-def test_streamed_question_logits_equal_offline(tiny, fps, size, mode, monkeypatch):
+def test_streamed_question_logits_equal_offline(tiny, fps, size, mode):
     model, proc = tiny
-    opts = dict(MODES[mode])
-    monkeypatch.setattr("model.fast_attention.FOLD_MAX_ROWS", opts.pop("fold_max_rows", 1024))
-    monkeypatch.setattr("model.fast_attention.ROWS_MAX_SCORES", opts.pop("rows_max_scores", 96 * 2**20))
     n = 25 if fps == 30 else 13  # 30 fps needs >= 8 temporal grids before t moves off 0
     frames = synthetic_frames(n, *size, seed=fps)
     chunks = random_chunks(n, seed=fps * 100 + size[0])
-    engine = VideoStreamInference(model, proc, **opts)
+    engine = VideoStreamInference(model, proc, config=MODES[mode])
     seen = 0
     pauses = {1, len(chunks) // 2, len(chunks) - 1}
     for k, c in enumerate(chunks):
@@ -110,6 +107,6 @@ def test_sequential_choice_scoring_equals_tree_batched(tiny, monkeypatch):
     frames = synthetic_frames(6, 90, 120)
     choices = ["circle", "square", "triangle shape"]
     tree = choice_scores(model, proc, [3, 3], frames, 4, choices)
-    monkeypatch.setattr("model.video_stream_inference.TREE_ATTENTION", ())
+    monkeypatch.setattr("model.scoring.TREE_ATTENTION", ())
     seq = choice_scores(model, proc, [3, 3], frames, 4, choices)
     assert torch.allclose(torch.tensor(tree.scores), torch.tensor(seq.scores), atol=TOL, rtol=0)

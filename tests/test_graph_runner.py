@@ -17,8 +17,8 @@ from model.testing import synthetic_frames
 
 def graph_engine(model, proc):
     engine = VideoStreamInference(model, proc, fast=True)
-    engine._runner = GraphRunner(model, capture=False)
-    engine._vision_graphs = VisionGraphs(model, capture=False)
+    engine._stream.runner = GraphRunner(model, engine.kv, engine.config, capture=False)
+    engine._stream.vision_graphs = VisionGraphs(model, capture=False) if engine._stream.varlen else None
     return engine
 
 
@@ -35,7 +35,7 @@ def test_static_path_equals_offline_across_pauses(tiny):
                               engine.stop_ids)
         assert a.token_ids == b.token_ids == ref.token_ids
         assert (a.first_logits - ref.first_logits).abs().max() <= 1e-4
-    assert engine._runner.captures == 4  # question bucket, decode bucket, chunks of 1 and 2 temporal patches
+    assert engine._stream.runner.captures == 4  # question bucket, decode bucket, chunks of 1 and 2 temporal patches
     vision_hook = compat.vision_static_kwargs(model, torch.tensor([[1, 6, 8]])) is not None
     assert engine.stats()["vision_graphs"] == ("on (2 captures)" if vision_hook else
                                                "off (capture failed: this transformers version cannot take a precomputed vision window layout)")
@@ -49,7 +49,7 @@ def test_growth_recaptures_and_stays_exact(tiny):
     graphs.stop_ids = set()
     long = graphs.ask("Go on.", max_new_tokens=100)  # decodes past the first 1024-token buffer
     assert graphs.kv.get_seq_length() < 1024 < graphs.kv.cache.capacity
-    captures = graphs._runner.captures
+    captures = graphs._stream.runner.captures
     scores = graphs.ask_choice("Which?", ["a b", "c", "dd"]).scores
     assert all(map(torch.isfinite, torch.tensor(scores))), scores  # grown buffers are zeroed, not garbage
     assert 2 < captures < 10, captures  # geometric growth: a few re-captures, not one per token

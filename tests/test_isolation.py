@@ -90,9 +90,9 @@ def test_failed_ask_leaves_stream_unchanged(engine, monkeypatch):
 
 def test_snapshot_and_restore_cost_no_copy(engine):
     streamed(engine, [6])
-    k0 = engine.kv.cache.keys[0]
+    k0 = engine.kv.cache.buffers[0][0]
     ptr, reserved = k0.data_ptr(), engine.kv.reserved_bytes()
     engine.kv.snapshot()
     engine.ask("x?", max_new_tokens=2)
     engine.kv.restore()
-    assert engine.kv.cache.keys[0].data_ptr() == ptr and engine.kv.reserved_bytes() == reserved
+    assert engine.kv.cache.buffers[0][0].data_ptr() == ptr and engine.kv.reserved_bytes() == reserved

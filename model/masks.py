@@ -1,0 +1,63 @@
+"""Every attention mask the engine uses, built in one place.
+
+- ``causal_mask``: a segment of n tokens after ``past`` cached ones (all of the cache visible,
+  causal among the new): the dense (1, 1, n, past+n) additive form;
+- ``tree_mask``: several choice branches packed after a shared prefix, each seeing the cache
+  and its own earlier tokens;
+- ``static_causal_mask``: the graph form, a row per token over the whole preallocated capacity;
+- ``StreamMask``: what the fast attention kernels are handed instead of a tensor (the causal
+  case needs no tensor at all: a bottom-right causal bias).
+Additive masks hold 0 where a key is visible and the dtype's minimum where it is not.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+
+@dataclass(frozen=True)
+class StreamMask:
+    """The keys are ``past`` cached tokens then the n new ones (fast kernels only).
+
+    ``dense``: an additive (1, 1, n, keys) mask, or None for plain causal-after-the-cache.
+    The two limits choose the kernel (``fast_attention.text_attention``); they come from the
+    stream's ``StreamConfig``.
+    """
+
+    past: int
+    dense: Optional[torch.Tensor] = None
+    fold_max_rows: int = 1024
+    rows_max_scores: int = 96 * 2**20
+
+
+def causal_mask(past: int, n: int, dtype, device) -> torch.Tensor:
+    """(1, 1, n, past+n) additive mask: every cached token visible, causal among the n new ones."""
+    i = torch.arange(n, device=device)[:, None]
+    j = torch.arange(past + n, device=device)[None, :]
+    mask = torch.zeros(n, past + n, dtype=dtype, device=device)
+    return mask.masked_fill_(j > past + i, torch.finfo(dtype).min)[None, None]
+
+
+def tree_mask(past: int, lengths: list[int], dtype, device) -> torch.Tensor:
+    """(1, 1, L, past+L) additive mask for branches of ``lengths`` tokens packed after a shared prefix.
+
+    Each branch sees the whole cache and its own earlier tokens only (L = sum(lengths)).
+    """
+    total = sum(lengths)
+    branch = torch.repeat_interleave(torch.arange(len(lengths), device=device), torch.tensor(lengths, device=device))
+    idx = torch.arange(total, device=device)
+    visible = (branch[:, None] == branch[None, :]) & (idx[None, :] <= idx[:, None])
+    mask = torch.zeros(total, past + total, dtype=dtype, device=device)
+    mask[:, past:].masked_fill_(~visible, torch.finfo(dtype).min)
+    return mask[None, None]
+
+
+def static_causal_mask(index: torch.Tensor, columns: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """(1, 1, b, capacity) additive mask: row r sees every slot up to its own index ``index[r]``.
+
+    ``index`` (b,) where the segment's K/V are written, ``columns`` = arange(capacity), ``zero``
+    a 0-d tensor of the model dtype; no host sync, so it can run inside a CUDA graph.
+    """
+    return torch.where(columns[None, :] <= index[:, None], zero, torch.finfo(zero.dtype).min)[None, None]

@@ -1,0 +1,186 @@
+"""One stream over a shared model: its state record, its cache, its graphs, and the segment operations.
+
+``StreamState`` is the stream's whole bookkeeping besides the K/V tensors, one immutable record
+(the ``KVCacheManager``'s committed head). ``Stream`` turns what the engine asks for into
+segments on a ``Transaction``: text ids, a chunk's frames (odd frames held and paired here),
+opening and closing vision blocks and user turns. Whether a segment runs as a CUDA graph or
+eagerly is decided in one place, ``_forward``. Nothing here commits: the engine does.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from .config import StreamConfig
+from .cuda_graphs import GraphRunner, VisionGraphs
+from .frames import pad_to_temporal_patch, patchify
+from .kv_cache_manager import KVCacheManager, Transaction
+from .masks import StreamMask, causal_mask
+from .positions import next_start, text_positions, vision_positions
+from .prompt import VISION_END, VISION_START, encode
+
+
+@dataclass(frozen=True)
+class StreamState:
+    """Everything that describes a stream besides the cache tensors. Immutable: update with ``replace``."""
+
+    last_cache_position: int = 0  # tokens in the cache (moved only by the KVCacheManager)
+    next_position: int = 0  # first free M-RoPE position (max so far + 1)
+    block_start: Optional[int] = None  # M-RoPE start of the open vision block, None if closed
+    next_t_index: int = 0  # next temporal-grid index g inside the open block
+    second_per_grid_t: Optional[float] = None  # temporal_patch_size / fps of the open block
+    turn_open: bool = False  # a user turn has been started and not yet answered
+    frame_size: Optional[tuple[int, int]] = None  # (H, W) of the open video block (fixed by its first frame)
+    pending_frame: Optional[torch.Tensor] = None  # (3, H, W) odd frame held until its pair arrives
+    fps: Optional[float] = None  # of the open (or last) video block
+    frames_seen: int = 0
+    video_seconds: float = 0.0
+    chunks: int = 0
+    turns: int = 0
+
+    @property
+    def rope_deltas(self) -> int:
+        """What transformers would cache: next M-RoPE position minus cache length."""
+        return self.next_position - self.last_cache_position
+
+
+class Stream:
+    """The cache, graphs and segment operations of one stream over a shared ``StreamQwenModel``."""
+
+    def __init__(self, model, tokenizer, pieces, video_pixels, config: StreamConfig):
+        self.model, self.tokenizer, self.pieces, self.config = model, tokenizer, pieces, config
+        self.video_pixels = video_pixels
+        self.kv = KVCacheManager(*model.kv_shape(), dtype=model.dtype, device=model.device,
+                                 initial_state=StreamState(), grow_min=config.grow_min,
+                                 initial_capacity=config.initial_capacity)
+        self.fast = config.fast and model.stream_kernels
+        graphs = self.fast and model.device.type == "cuda"
+        self.runner = GraphRunner(model, self.kv, config) if graphs and config.cuda_graphs else None
+        varlen_graphs = graphs and config.vision_graphs and self.varlen
+        self.vision_graphs = VisionGraphs(model) if varlen_graphs else None
+
+    @property
+    def varlen(self) -> bool:
+        from .fast_attention import vision_varlen_supported
+
+        return self.fast and vision_varlen_supported()
+
+    def reset(self) -> None:
+        self.kv.clear()
+
+    # -- segments ----------------------------------------------------------------------
+    def _forward(self, txn: Transaction, kind: str, inputs: torch.Tensor, positions: torch.Tensor,
+                 logits: str, mask=None) -> Optional[torch.Tensor]:
+        """Write one segment after the working head and advance it; graph or eager is decided here.
+
+        kind "ids": (n,) token ids; "embeds": (1, n, D). positions (3, n). Returns (1, n|1, V) or None.
+        """
+        n = inputs.shape[0] if kind == "ids" else inputs.shape[1]
+        graph_fits = (kind, logits) in (("ids", "last"), ("embeds", "none")) and mask is None  # what graphs return
+        rows = self.runner.rows(kind, n) if self.runner is not None and graph_fits else None
+        out = None
+        if rows is not None:
+            self.kv.ensure(txn, rows)
+            out = self.runner.run(kind, txn.length, inputs, positions)
+        if out is None:
+            view = self.kv.view(txn, n)
+            embeds = self.model.embed_ids(inputs) if kind == "ids" else inputs
+            if mask is None:
+                mask = (StreamMask(txn.length, None, self.config.fold_max_rows, self.config.rows_max_scores)
+                        if self.fast else causal_mask(txn.length, n, embeds.dtype, embeds.device))
+            out = self.model.forward_segment(view, embeds, positions, mask, logits=logits)
+        txn.wrote(n, next_position=max(txn.state.next_position, next_start(positions)))
+        return out
+
+    def feed_ids(self, txn: Transaction, ids: list[int], logits: str = "none") -> Optional[torch.Tensor]:
+        """Append text token ids at the next free positions."""
+        if not ids:
+            return None
+        return self._forward(txn, "ids", torch.tensor(ids, dtype=torch.long, device=self.model.device),
+                             text_positions(txn.state.next_position, len(ids)), logits)
+
+    def feed_text(self, txn: Transaction, text: str, logits: str = "none") -> Optional[torch.Tensor]:
+        """Append trusted template text (never user text: see ``prompt.encode_user_text``)."""
+        return self.feed_ids(txn, encode(self.tokenizer, text), logits)
+
+    def feed_frames(self, txn: Transaction, frames: torch.Tensor, pixels) -> None:
+        """(2k, 3, H, W) resized frames -> vision embeddings -> the open block."""
+        st = txn.state
+        assert st.block_start is not None, "feed_frames() needs an open vision block"
+        patches, grid = patchify(frames, pixels)
+        embeds = self.vision_graphs(patches, grid) if self.vision_graphs is not None else None
+        if embeds is None:
+            embeds = self.model.encode_vision(patches, grid, varlen=self.varlen)
+        m = pixels.merge_size
+        pos = vision_positions(st.block_start, grid[0], grid[1] // m, grid[2] // m, t_offset=st.next_t_index,
+                               second_per_grid_t=st.second_per_grid_t,
+                               tokens_per_second=self.model.config.vision_config.tokens_per_second)
+        assert pos.shape[1] == embeds.shape[0], f"{pos.shape[1]} positions for {embeds.shape[0]} embeddings"
+        self._forward(txn, "embeds", embeds[None].to(self.model.dtype), pos, "none")  # (1, n, D)
+        txn.update(next_t_index=st.next_t_index + grid[0])
+
+    def add_video_frames(self, txn: Transaction, frames: torch.Tensor) -> int:
+        """(n, 3, H, W) resized frames into the open video block: pairs go in, an odd one is held.
+
+        The one home of odd-frame pairing: a held frame joins the next call's first. Returns frames encoded.
+        """
+        tp = self.video_pixels.temporal_patch_size
+        pending = txn.state.pending_frame
+        if pending is not None:
+            frames = torch.cat([pending[None], frames])
+        n_full = frames.shape[0] - frames.shape[0] % tp
+        if n_full:
+            self.feed_frames(txn, frames[:n_full], self.video_pixels)
+        txn.update(pending_frame=frames[n_full] if n_full < frames.shape[0] else None)
+        return n_full
+
+    # -- blocks and turns --------------------------------------------------------------
+    def ensure_turn(self, txn: Transaction) -> None:
+        if not txn.state.turn_open:
+            first = txn.length == 0
+            self.feed_text(txn, self.pieces.first_turn_header if first else self.pieces.turn_header)
+            txn.update(turn_open=True)
+
+    def open_block(self, txn: Transaction, second_per_grid_t: float) -> None:
+        """Close any open block and feed ``<|vision_start|>`` (one segment); a new block starts after it.
+
+        ``second_per_grid_t``: temporal_patch_size / fps for a video, 0 for an image.
+        """
+        self.close_block(txn, encode(self.tokenizer, VISION_START))
+        txn.update(block_start=txn.state.next_position, next_t_index=0, second_per_grid_t=second_per_grid_t)
+
+    def close_block(self, txn: Transaction, then_ids: list[int] = (), logits: str = "none") -> Optional[torch.Tensor]:
+        """Close an open video block and feed ``then_ids`` in the same segment (one forward, not two).
+
+        A held odd frame is encoded padded first (the last frame repeated, as the processor pads).
+        """
+        ids = list(then_ids)
+        if txn.state.block_start is not None:
+            pending = txn.state.pending_frame
+            if pending is not None:
+                self.feed_frames(txn, pad_to_temporal_patch(pending[None], self.video_pixels.temporal_patch_size),
+                                 self.video_pixels)
+            txn.update(block_start=None, next_t_index=0, second_per_grid_t=None, pending_frame=None, frame_size=None)
+            ids = encode(self.tokenizer, VISION_END) + ids
+        return self.feed_ids(txn, ids, logits=logits) if ids else None
+
+    def open_question(self, txn: Transaction, question: str) -> torch.Tensor:
+        """Close the block and feed the question + assistant header; returns (1, V) logits of the next token."""
+        self.ensure_turn(txn)
+        return self.close_block(txn, self.pieces.question_ids(self.tokenizer, question), logits="last")[:, -1]
+
+    def commit_answer(self, txn: Transaction, unfed_ids: list[int]) -> None:
+        """Feed the answer tokens decoding did not feed, and close the turn."""
+        self.feed_ids(txn, list(unfed_ids) + encode(self.tokenizer, self.pieces.answer_tail))
+        txn.update(turn_open=False, turns=txn.state.turns + 1)
+
+    def stats(self) -> dict:
+        from .fast_attention import backends
+
+        return {**backends(self.model.config, self.fast),
+                "cuda_graphs": self.runner.status() if self.runner is not None else "off",
+                "vision_graphs": self.vision_graphs.status() if self.vision_graphs is not None else "off",
+                "cache_allocations": self.kv.cache.allocations}
+
