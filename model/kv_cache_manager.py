@@ -19,11 +19,15 @@ Snapshots and restores are O(1) and copy nothing: tokens are only ever written p
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
 Buffers = tuple  # ((K, V), ...) per layer, each (1, H_kv, capacity, D); replaced whole, never mutated in length
+
+
+def _nothing() -> None:
+    return None
 
 
 @dataclass(frozen=True)
@@ -186,16 +190,16 @@ class KVCacheManager:
         self.ensure(txn, n)
         return self.cache.view(txn.length)
 
-    def commit(self, txn: Transaction, result: Any = None) -> Any:
-        """Publish the transaction's head in one assignment and return ``result``.
+    def commit(self, txn: Transaction, result: Any = None, then: Callable[[], None] = _nothing) -> Any:
+        """Publish the transaction's head in one assignment, call ``then`` (e.g. a C lock release), return ``result``.
 
-        Callers make ``return kv.commit(txn, result)`` their last step, so no library code runs
+        Callers make ``return kv.commit(txn, result)`` their last step, so no library line runs
         between publishing and returning: a call that raised has not committed.
         """
         if txn.base is not self._state:
             raise RuntimeError("commit() of a transaction that did not start from the current head "
                                "(another commit, restore or clear came in between)")
-        self._state = txn.state; return result  # noqa: E702  (one line: no line event after publishing)
+        self._state = txn.state; then(); return result  # noqa: E702  (one line: no line event after publishing)
 
     def rollback(self, length: int) -> None:
         """Truncate the cache to its first ``length`` tokens (the rest of the head unchanged)."""

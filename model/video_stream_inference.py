@@ -111,10 +111,7 @@ class VideoStreamInference:
         """
         t0 = time.perf_counter()
         raw = to_frame_list(frames)
-        with self._lock:
-            with torch.no_grad():
-                txn, info = self._append_frames(raw, fps, t0)
-            return self.kv.commit(txn, info)  # the last step: a call that raised committed nothing
+        return self._transaction(self._append_frames, raw, fps, t0)
 
     def append_image(self, image: Any) -> ChunkInfo:
         """Encode one still image as its own image block (closes an open video block first)."""
@@ -122,21 +119,7 @@ class VideoStreamInference:
         raw = to_frame_list(image)
         if len(raw) != 1:
             raise ValueError(f"append_image takes one image, got {len(raw)}; use append_frames for video")
-        with self._lock:
-            with torch.no_grad():
-                size = target_size(raw[0].shape[1], raw[0].shape[2], self.image_pixels)
-                frames = pad_to_temporal_patch(resize_frames(raw, size, device=self.model.device),
-                                               self.image_pixels.temporal_patch_size)
-                txn = self.kv.begin()
-                before = txn.length
-                self._stream.ensure_turn(txn)
-                self._stream.open_block(txn, 0.0)
-                self._stream.feed_frames(txn, frames, self.image_pixels)
-                self._stream.close_block(txn)
-                txn.update(chunks=txn.state.chunks + 1)
-                info = ChunkInfo(txn.state.chunks - 1, 1, 1, False, txn.length - before, txn.length,
-                                 time.perf_counter() - t0)
-            return self.kv.commit(txn, info)
+        return self._transaction(self._append_image, raw, t0)
 
     def ask(self, question: str, update_state: bool = False, max_new_tokens: int = 128, **generation) -> Answer:
         """Answer from everything streamed so far; returns an ``Answer`` (text, token ids, ttft_s, ...).
@@ -151,20 +134,7 @@ class VideoStreamInference:
         check_bool("update_state", update_state)
         check_max_new_tokens(max_new_tokens, self.max_positions)
         sampler = make_sampler(self.model.device, **generation)
-        with self._lock:
-            with torch.no_grad():
-                txn = self.kv.begin()
-                first = self._stream.open_question(txn, question)  # (1, V)
-                check_max_new_tokens(max_new_tokens, self.max_positions - txn.state.next_position)
-                tokens, fed, ttft, reason = decode(
-                    first, lambda tok: self._stream.feed_ids(txn, [tok], logits="last")[:, -1], sampler,
-                    self.stop_ids, max_new_tokens, self._sync, t0)
-                if update_state:
-                    self._stream.commit_answer(txn, tokens[fed:])
-                self._sync()
-                answer = Answer(self.tokenizer.decode(tokens, skip_special_tokens=True), tokens, ttft,
-                                time.perf_counter() - t0, reason, first[0])
-            return self.kv.commit(txn, answer) if update_state else answer
+        return self._transaction(self._ask, question, update_state, max_new_tokens, sampler, t0)
 
     def ask_choice(self, question: str, choices: Sequence[str]) -> ChoiceResult:
         """Score each choice by log p(choice | video, question); isolated like ``ask``.
@@ -176,36 +146,34 @@ class VideoStreamInference:
         check_question(question)
         choices = check_choices(choices)
         choice_ids = [encode_user_text(self.tokenizer, c) for c in choices]
-        with self._lock:
-            with torch.no_grad():
-                txn = self.kv.begin()
-                q_logits = self._stream.open_question(txn, question)[0]  # (V,)
-                scores = score_choices(self._stream, txn, q_logits, choice_ids)
+        scores = self._transaction(self._score, question, choice_ids)
         norm = [s / len(ids) for s, ids in zip(scores, choice_ids)]
         best = max(range(len(scores)), key=scores.__getitem__)
         return ChoiceResult(choices[best], best, scores, norm, choices, time.perf_counter() - t0)
 
     def reset(self) -> None:
         """Drop the stream (cache, state, snapshots) and start a new one on the same model."""
-        with self._lock:
+        self._acquire()
+        try:
             self._stream.reset()
+        finally:
+            self._lock.release()
 
     def stats(self) -> dict:
         """The stream's numbers and the backends it runs on (cache, frames, positions, attention, graphs)."""
-        with self._lock:
-            st = self.stream_state
-            return {
-                "cache_tokens": self.kv.get_seq_length(), "cache_bytes": self.kv.nbytes(),
-                "cache_reserved_bytes": self.kv.reserved_bytes(), "frames_seen": st.frames_seen,
-                "pending_frames": int(st.pending_frame is not None), "video_seconds": st.video_seconds,
-                "chunks": st.chunks, "turns": st.turns, "next_position": st.next_position,
-                "rope_deltas": st.rope_deltas, "frame_size": st.frame_size, "fps": st.fps,
-                "device": str(self.model.device), "dtype": str(self.model.dtype).replace("torch.", ""),
-                "attn_implementation": self.attn_implementation, **self._stream.stats(),
-                "cache": "preallocated+length-counter", "fast": self.config.fast,
-                "choice_scoring": "tree-batched" if self.attn_implementation in TREE_ATTENTION else "sequential",
-                "transformers": str(compat.TRANSFORMERS_VERSION),
-            }
+        st = self.stream_state  # one immutable record: consistent without the lock
+        return {
+            "cache_tokens": st.last_cache_position, "cache_bytes": self.kv.cache.nbytes(st.last_cache_position),
+            "cache_reserved_bytes": self.kv.reserved_bytes(), "frames_seen": st.frames_seen,
+            "pending_frames": int(st.pending_frame is not None), "video_seconds": st.video_seconds,
+            "chunks": st.chunks, "turns": st.turns, "next_position": st.next_position,
+            "rope_deltas": st.rope_deltas, "frame_size": st.frame_size, "fps": st.fps,
+            "device": str(self.model.device), "dtype": str(self.model.dtype).replace("torch.", ""),
+            "attn_implementation": self.attn_implementation, **self._stream.stats(),
+            "cache": "preallocated+length-counter", "fast": self.config.fast,
+            "choice_scoring": "tree-batched" if self.attn_implementation in TREE_ATTENTION else "sequential",
+            "transformers": str(compat.TRANSFORMERS_VERSION),
+        }
 
     @property
     def stream_state(self) -> StreamState:
@@ -228,7 +196,31 @@ class VideoStreamInference:
         """(before, vision, after) of a chat-template rendering; see ``prompt.extract_vision_segment``."""
         return extract_vision_segment(prompt)
 
-    # ------------------------------------------------------------------ internals
+    # ------------------------------------------------------------------ transactions
+    def _acquire(self) -> None:
+        """Take the stream's lock. Public calls never nest, so a lock this thread already holds was
+        leaked by a call interrupted between two of its last lines: release it first."""
+        while self._lock._is_owned():
+            self._lock.release()
+        self._lock.acquire()
+
+    def _transaction(self, work, *args):
+        """Run ``work(*args) -> (txn or None, result)`` under the lock; commit ``txn`` as the very last step.
+
+        Nothing of the library runs after the commit (it also releases the lock, in C), so a call
+        that raised, whatever it raised and wherever, has committed nothing.
+        """
+        self._acquire()
+        try:
+            txn, result = work(*args)
+        except BaseException:
+            self._lock.release()
+            raise
+        if txn is None:
+            self._lock.release(); return result  # noqa: E702  (nothing to commit)
+        return self.kv.commit(txn, result, then=self._lock.release)
+
+    @torch.no_grad()
     def _append_frames(self, raw: list, fps, t0: float):
         txn = self.kv.begin()
         st = txn.state
@@ -250,6 +242,41 @@ class VideoStreamInference:
         pending = txn.state.pending_frame is not None
         return txn, ChunkInfo(st.chunks, len(raw), n_encoded, pending, txn.length - st.last_cache_position,
                               txn.length, time.perf_counter() - t0)
+
+    @torch.no_grad()
+    def _append_image(self, raw: list, t0: float):
+        size = target_size(raw[0].shape[1], raw[0].shape[2], self.image_pixels)
+        frames = pad_to_temporal_patch(resize_frames(raw, size, device=self.model.device),
+                                       self.image_pixels.temporal_patch_size)
+        txn = self.kv.begin()
+        before = txn.length
+        self._stream.ensure_turn(txn)
+        self._stream.open_block(txn, 0.0)
+        self._stream.feed_frames(txn, frames, self.image_pixels)
+        self._stream.close_block(txn)
+        txn.update(chunks=txn.state.chunks + 1)
+        return txn, ChunkInfo(txn.state.chunks - 1, 1, 1, False, txn.length - before, txn.length,
+                              time.perf_counter() - t0)
+
+    @torch.no_grad()
+    def _ask(self, question: str, update_state: bool, max_new_tokens: int, sampler, t0: float):
+        txn = self.kv.begin()
+        first = self._stream.open_question(txn, question)  # (1, V)
+        check_max_new_tokens(max_new_tokens, self.max_positions - txn.state.next_position)
+        tokens, fed, ttft, reason = decode(first, lambda tok: self._stream.feed_ids(txn, [tok], logits="last")[:, -1],
+                                           sampler, self.stop_ids, max_new_tokens, self._sync, t0)
+        if update_state:
+            self._stream.commit_answer(txn, tokens[fed:])
+        self._sync()
+        answer = Answer(self.tokenizer.decode(tokens, skip_special_tokens=True), tokens, ttft,
+                        time.perf_counter() - t0, reason, first[0])
+        return (txn if update_state else None), answer
+
+    @torch.no_grad()
+    def _score(self, question: str, choice_ids: list[list[int]]):
+        txn = self.kv.begin()
+        q_logits = self._stream.open_question(txn, question)[0]  # (V,)
+        return None, score_choices(self._stream, txn, q_logits, choice_ids)
 
     def _default_fps(self) -> float:
         if not self._warned_fps:
