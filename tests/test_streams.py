@@ -1,0 +1,142 @@
+"""Invariant 5 (independent streams): many streams over one stateless model, threads, mixed settings.
+
+- N = 8 streams driven interleaved (random chunkings, asks, ask_choice) each equal bit-for-bit
+  the same stream run alone on its own engine;
+- two engines with different ``fast`` settings on one model both stay exact and report their
+  own backends;
+- an append thread and an ask thread on one stream end equal to a sequential replay of the
+  order the stream's lock admitted them.
+"""
+from __future__ import annotations
+
+import random
+import threading
+
+import torch
+
+from model import StreamConfig, VideoStreamInference
+from model.offline import build_inputs, chat_segments, native_logits
+from model.testing import synthetic_frames
+from tests.conftest import assert_same_signature, signature
+
+FRAMES = synthetic_frames(30, 56, 84, seed=5)
+
+
+def script(seed: int) -> list[tuple]:
+    """A random stream: appends of 1..5 frames, questions, choices, a committed turn, an image."""
+    rng, ops, seen = random.Random(seed), [], 0
+    fps = rng.choice([1, 2, 4])
+    while seen < 20:
+        n = rng.randint(1, 5)
+        ops.append(("append", seen, n, fps))
+        seen += n
+        r = rng.random()
+        if r < 0.3:
+            ops.append(("ask", f"What is at {seen}?", rng.randint(1, 4)))
+        elif r < 0.5:
+            ops.append(("choice", "Which?", ["red", "a blue square", "x"][: rng.randint(1, 3)]))
+        elif r < 0.55:
+            ops.append(("turn", "Describe.", 2))
+    return ops
+
+
+def run(engine: VideoStreamInference, op: tuple):
+    kind = op[0]
+    if kind == "append":
+        return engine.append_frames(FRAMES[op[1]:op[1] + op[2]], fps=op[3]).cache_len
+    if kind == "ask":
+        a = engine.ask(op[1], max_new_tokens=op[2])
+        return a.token_ids, a.first_logits
+    if kind == "turn":
+        return engine.ask(op[1], update_state=True, max_new_tokens=op[2]).token_ids
+    return engine.ask_choice(op[1], op[2]).scores
+
+
+def same(a, b) -> bool:
+    if isinstance(a, tuple):
+        return all(same(x, y) for x, y in zip(a, b))
+    return torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b
+
+
+def test_eight_interleaved_streams_equal_each_stream_alone(tiny):
+    model, proc = tiny
+    scripts = [script(s) for s in range(8)]
+    engines = [VideoStreamInference(model, proc, fast=(s % 3 != 0)) for s in range(8)]
+    results = [[] for _ in scripts]
+    cursor, rng = [0] * 8, random.Random(99)
+    while any(c < len(s) for c, s in zip(cursor, scripts)):
+        k = rng.choice([i for i in range(8) if cursor[i] < len(scripts[i])])
+        results[k].append(run(engines[k], scripts[k][cursor[k]]))
+        cursor[k] += 1
+    for k, ops in enumerate(scripts):
+        alone = VideoStreamInference(model, proc, fast=(k % 3 != 0))
+        expected = [run(alone, op) for op in ops]
+        assert all(same(a, b) for a, b in zip(results[k], expected)), f"stream {k} differs from itself alone"
+        assert_same_signature(signature(alone), signature(engines[k]))
+
+
+def test_engines_with_different_settings_share_one_model(tiny):
+    model, proc = tiny
+    fast = VideoStreamInference(model, proc, fast=True)
+    plain = VideoStreamInference(model, proc, config=StreamConfig(fast=False))
+    frames = FRAMES[:7]
+    for e in (fast, plain, fast):  # interleaved: the second engine must not change the first
+        e.reset()
+        e.append_frames(frames[:3], fps=2)
+        e.append_frames(frames[3:], fps=2)
+    ref = native_logits(model, build_inputs(model, proc, chat_segments(proc, "What?", frames, 2)))[0, -1]
+    for e in (fast, plain):
+        assert (e.ask("What?", max_new_tokens=1).first_logits - ref).abs().max() <= 1e-4
+    assert fast.stats()["text_attention"] == "stream_sdpa" and plain.stats()["text_attention"] == "sdpa"
+    assert plain.stats()["vision_attention"] == "sdpa" and fast.stats()["fast"] and not plain.stats()["fast"]
+    assert not hasattr(model, "stream_state")  # the model holds no stream
+
+
+class RecordingLock:
+    """Wraps the stream's lock and records which operation each first acquisition admitted."""
+
+    def __init__(self, lock):
+        self.lock, self.order, self.current = lock, [], threading.local()
+
+    def acquire(self, *args, **kw):
+        got = self.lock.acquire(*args, **kw)
+        self.order.append(self.current.op)
+        return got
+
+    def release(self):
+        self.lock.release()
+
+    def _is_owned(self):
+        return self.lock._is_owned()
+
+
+def test_append_thread_and_ask_thread_equal_a_sequential_replay(tiny):
+    model, proc = tiny
+    engine = VideoStreamInference(model, proc)
+    engine._lock = lock = RecordingLock(engine._lock)
+    appends = [("append", (i * 3) % 25, 1 + i % 3, 2) for i in range(100)]
+    asks = [("ask", f"Now {i}?", 1 + i % 2) if i % 4 else ("choice", "Which?", ["a", "bb"]) for i in range(100)]
+    results, errors = {}, []
+
+    def worker(ops, tag):
+        try:
+            for i, op in enumerate(ops):
+                lock.current.op = (tag, i)
+                results[(tag, i)] = run(engine, op)
+        except Exception as e:  # reported below: a worker must not die silently
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(appends, "a")), threading.Thread(target=worker, args=(asks, "q"))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert not errors, errors
+    assert len(lock.order) == 200 and sorted(lock.order) == sorted(results)
+    assert {tag for tag, _ in lock.order[:100]} == {"a", "q"}  # the two threads really interleaved
+    replay = VideoStreamInference(model, proc)
+    for tag, i in lock.order:
+        expected = run(replay, (appends if tag == "a" else asks)[i])
+        assert same(results[(tag, i)], expected), (tag, i)
+    assert_same_signature(signature(replay), signature(engine))
+    assert engine.stream_state.frames_seen == sum(op[2] for op in appends)
