@@ -117,3 +117,59 @@ def test_missing_model_path():
 def test_plain_transformers_model_is_refused(tiny):
     with pytest.raises(TypeError, match="StreamQwenModel"):
         VideoStreamInference(torch.nn.Linear(2, 2), tiny[1])
+
+
+@pytest.mark.parametrize("call,exc,match", [
+    (lambda e: e.ask("ok?", update_state="no"), TypeError, "update_state must be True or False"),
+    (lambda e: e.ask("ok?", update_state=1), TypeError, "update_state must be True or False"),
+    (lambda e: e.ask("bad \udc80 text"), ValueError, "question is not valid Unicode"),
+    (lambda e: e.ask_choice("ok?", ["a", "b\ud800"]), ValueError, "choice 1 is not valid Unicode"),
+    (lambda e: e.ask("ok?", max_new_tokens=10**9), ValueError, "max_position_embeddings"),
+    (lambda e: e.ask("ok?", max_new_tokens=2.5), ValueError, "max_new_tokens"),
+    (lambda e: e.append_frames(GOOD[:2], fps=1e-6), ValueError, "fps must be between"),
+    (lambda e: e.append_frames(GOOD[:2], fps=1e-30), ValueError, "fps must be between"),
+    (lambda e: e.append_frames(GOOD[:2], fps=np.float32("nan")), ValueError, "fps"),
+])
+def test_bad_arguments_name_themselves_and_leave_stream_unchanged(engine, call, exc, match):
+    engine.append_frames(GOOD, fps=2)
+    before = signature(engine)
+    with pytest.raises(exc, match=match):
+        call(engine)
+    assert_same_signature(before, signature(engine))
+
+
+@pytest.mark.parametrize("fps", [np.float32(4.0), np.int64(4), np.float64(4.0)])
+def test_numpy_fps_is_accepted(tiny, fps):
+    model, proc = tiny
+    a, b = VideoStreamInference(model, proc), VideoStreamInference(model, proc)
+    a.append_frames(GOOD, fps=fps)
+    b.append_frames(GOOD, fps=4)
+    assert_same_signature(signature(a), signature(b))
+    assert type(a.stream_state.fps) is float
+
+
+def test_fps_omitted_on_a_new_stream_warns_once(engine):
+    with pytest.warns(UserWarning, match="without fps on a new stream"):
+        engine.append_frames(GOOD[:2])
+    assert engine.stream_state.fps == engine.config.default_fps
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        engine.append_frames(GOOD[:2])  # the stream's fps now: no second warning
+
+
+def test_bad_config_is_refused_at_construction(tiny):
+    from model import StreamConfig
+
+    for kw, exc, match in [(dict(fast="yes"), TypeError, "fast must be True or False"),
+                           (dict(grow_min=0), ValueError, "grow_min must be >= 1"),
+                           (dict(graph_buckets=(16, 1)), ValueError, "graph_buckets"),
+                           (dict(default_fps=0), ValueError, "default_fps"),
+                           (dict(initial_capacity=-1), ValueError, "initial_capacity")]:
+        with pytest.raises(exc, match=match):
+            StreamConfig(**kw)
+    with pytest.raises(TypeError, match="fast must be True or False"):
+        VideoStreamInference(*tiny, fast="False")
+    with pytest.raises(TypeError, match="config must be a StreamConfig"):
+        VideoStreamInference(*tiny, config={"fast": True})

@@ -89,3 +89,26 @@ def test_reset_starts_a_new_stream(engine):
                   ("text", VISION_END + engine.pieces.question("y?"))]
     assert (ans.first_logits - offline_last_logits(engine, transcript)).abs().max() <= TOL
     assert torch.isfinite(ans.first_logits).all()
+
+
+def test_two_videos_of_different_sizes_with_an_image_between_equal_offline(engine):
+    """Each video block is sized by its own first frame, as the offline path and transformers size each video."""
+    pieces = engine.pieces
+    landscape = synthetic_frames(4, 90, 120, seed=1)  # -> 84x112
+    portrait = synthetic_frames(5, 240, 120, seed=2)  # -> its own portrait size, odd count
+    img = np.asarray(synthetic_frames(1, 100, 70, seed=5)[0])
+    engine.append_frames(landscape, fps=2)
+    first = engine.ask("Describe.", update_state=True, max_new_tokens=3)
+    engine.append_image(img)
+    engine.append_frames(portrait[:2], fps=2)
+    size = engine.stream_state.frame_size
+    engine.append_frames(portrait[2:], fps=2)
+    assert size != (84, 112) and size[0] > size[1]
+    ans = engine.ask("And now?", max_new_tokens=2)
+    transcript = [
+        ("text", pieces.first_turn_header + VISION_START), ("video", landscape, 2),
+        ("text", VISION_END + pieces.question("Describe.")), ("ids", first.token_ids),
+        ("text", pieces.answer_tail + pieces.turn_header + VISION_START), ("image", img),
+        ("text", VISION_END + VISION_START), ("video", portrait, 2), ("text", VISION_END + pieces.question("And now?")),
+    ]
+    assert (ans.first_logits - offline_last_logits(engine, transcript)).abs().max() <= TOL
