@@ -45,21 +45,26 @@ def run_checks(title: str, checks: list[Callable[[], None]]) -> int:
     return 1 if failed else 0
 
 
-def _env_path(var: str, exists, fallback: str) -> Optional[str]:
-    """``$var`` if it names something that ``exists``; otherwise None, said in one line."""
+def _env_path(var: str, exists, fallback: str, missing: str) -> Optional[str]:
+    """``$var`` if set (it must name something that ``exists``); None when unset, said in one line.
+
+    A set variable that names nothing is an error, never a silent fallback.
+    """
     path = os.environ.get(var)
-    if path and exists(path):
-        return path
-    print(f"{var} {'not set' if not path else repr(path) + ' does not exist'}: using {fallback}.")
-    return None
+    if not path:
+        print(f"{var} not set: using {fallback}.")
+        return None
+    if not exists(path):
+        raise ValueError(f"{missing}: {var}={path!r} does not exist; fix the path or unset {var} to use {fallback}")
+    return path
 
 
 def model_path() -> Optional[str]:
-    return _env_path("QWEN_MODEL_PATH", os.path.isdir, "a randomly initialised model")
+    return _env_path("QWEN_MODEL_PATH", os.path.isdir, "a randomly initialised model", "Model not found")
 
 
 def video_path() -> Optional[str]:
-    return _env_path("VIDEO_PATH", os.path.isfile, "the synthetic video from model/testing.py")
+    return _env_path("VIDEO_PATH", os.path.isfile, "the synthetic video", "Cannot open video")
 
 
 def load_engine(dtype: Optional[str] = None, attn_implementation: str = "sdpa"):

@@ -173,3 +173,16 @@ def test_bad_config_is_refused_at_construction(tiny):
         VideoStreamInference(*tiny, fast="False")
     with pytest.raises(TypeError, match="config must be a StreamConfig"):
         VideoStreamInference(*tiny, config={"fast": True})
+
+
+def test_env_paths_that_do_not_exist_are_errors_not_random_weights(monkeypatch, capsys):
+    from model.report import model_path, video_path
+
+    monkeypatch.setenv("QWEN_MODEL_PATH", "/no/such/checkpoint")
+    with pytest.raises(ValueError, match="Model not found.*/no/such/checkpoint"):
+        model_path()
+    monkeypatch.setenv("VIDEO_PATH", "/no/such/clip.mp4")
+    with pytest.raises(ValueError, match="Cannot open video.*/no/such/clip.mp4"):
+        video_path()
+    monkeypatch.delenv("QWEN_MODEL_PATH")
+    assert model_path() is None and "not set" in capsys.readouterr().out
