@@ -31,6 +31,7 @@ class StreamConfig:
     grow_min: int = 1024  # tokens added at least when the cache grows (it grows x1.5 otherwise)
     choice_chunk_tokens: int = 256  # ask_choice: choice tokens per forward and per log-softmax chunk
     default_fps: float = 2.0  # fps of a video block whose first append gives none (a warning says so)
+    attention_kernel: str = "auto"  # "auto": the live-length Triton kernel on CUDA when Triton imports; "triton"; "torch"
 
     def __post_init__(self) -> None:
         for name in ("fast", "cuda_graphs", "vision_graphs"):
@@ -46,6 +47,9 @@ class StreamConfig:
         b = self.graph_buckets
         if not isinstance(b, tuple) or not b or not all(_is_int(x) and x >= 1 for x in b) or list(b) != sorted(set(b)):
             raise ValueError(f"StreamConfig.graph_buckets must be a non-empty increasing tuple of ints >= 1, got {b!r}")
+        if self.attention_kernel not in ("auto", "triton", "torch"):
+            raise ValueError(f"StreamConfig.attention_kernel must be 'auto', 'triton' or 'torch', "
+                             f"got {self.attention_kernel!r}")
         fps = self.default_fps
         if isinstance(fps, bool) or not isinstance(fps, (int, float)) or not math.isfinite(fps) or fps <= 0:
             raise ValueError(f"StreamConfig.default_fps must be a positive finite number, got {fps!r}")

@@ -91,9 +91,10 @@ class _Recorder:
 class GraphRunner(_Recorder):
     """Captured language-model forwards of token segments (questions, decode steps) and video chunks."""
 
-    def __init__(self, model, kv: KVCacheManager, config: StreamConfig, capture: bool = True):
+    def __init__(self, model, kv: KVCacheManager, config: StreamConfig, capture: bool = True, live_kernel=None):
         super().__init__(capture)
         self.model, self.kv, self.config = model, kv, config
+        self.live_kernel = live_kernel  # a (past, n, dtype, start) -> mask builder reading the length on the device
         self.graphs: dict[tuple, _Graph] = {}
         self.buffers = None  # the cache buffers the graphs were captured against
 
@@ -160,7 +161,10 @@ class GraphRunner(_Recorder):
 
         def step() -> torch.Tensor:
             index = start + rows  # (b,) where this segment's K/V go
-            mask = StreamMask(0, static_causal_mask(index, cols, zero), cfg.fold_max_rows, cfg.rows_max_scores)
+            if self.live_kernel is not None:  # attention reads [0, start+b) only: cost follows the live length
+                mask = self.live_kernel(at, b, model.dtype, start)
+            else:  # the whole capacity, masked per row
+                mask = StreamMask(0, static_causal_mask(index, cols, zero), cfg.fold_max_rows, cfg.rows_max_scores)
             embeds = model.get_input_embeddings()(inputs)[None] if kind == "ids" else inputs
             hidden = model.run_language_model(CacheView(buffers, 0, index), embeds, positions, mask)
             return model.lm_head(hidden).float() if kind == "ids" else hidden[:, :1, :1]

@@ -4,7 +4,8 @@ The model's attention implementation is set once, when a ``StreamQwenModel`` is 
 ``sdpa`` (``install``), to two dispatchers; after that nothing mutates ``model.config``. Each
 call decides by what the stream hands it, so streams with different settings share one model:
 
-- ``stream_text`` (text model): a ``masks.StreamMask`` (fast streams) runs our kernels: for few
+- ``stream_text`` (text model): a ``masks.StreamMask`` (fast streams) runs our kernels: on a
+  GPU the live-length Triton kernel (``triton_attention.py``) for every causal segment; else for few
   query rows (decode, questions) two matmuls over the cache with the query heads of each K/V
   head folded into rows (K/V read once, never copied); for long appends SDPA with a
   bottom-right causal bias. Anything else (a dense mask from a ``fast=False`` stream, or the
@@ -26,7 +27,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl
 
-from . import compat
+from . import compat, triton_attention
 from .masks import StreamMask, causal_mask
 
 TEXT_IMPL = "stream_text"
@@ -59,6 +60,8 @@ def _rows_attention(query, key, value, mask, scaling, n, g):
 
 def _stream_kernels(query, key, value, spec: StreamMask, scaling):
     """query (B, Hq, n, D), key/value (B, Hkv, L, D) -> (B, n, Hq, D)."""
+    if spec.start is not None and spec.dense is None:
+        return triton_attention.attention(query, key, value, spec.start, scaling)
     b, hq, n, d = query.shape
     g = hq // key.shape[1]
     mask = spec.dense
@@ -153,11 +156,23 @@ def install(config) -> bool:
     return True
 
 
-def backends(config, fast: bool) -> dict:
+def live_length_kernel(choice: str, fast: bool, device) -> bool:
+    """Whether a stream uses ``triton_attention`` (``StreamConfig.attention_kernel``: auto, triton, torch)."""
+    if not fast or choice == "torch":
+        return False
+    if triton_attention.available(device):
+        return True
+    if choice == "triton":
+        raise ValueError(f"StreamConfig.attention_kernel='triton' needs Triton and a CUDA device (got {device}); "
+                         "use 'auto' to fall back to the torch kernels")
+    return False
+
+
+def backends(config, fast: bool, live_kernel: bool = False) -> dict:
     """What a stream with ``fast`` runs on this model (reported by ``stats()``)."""
     installed = config.text_config._attn_implementation == TEXT_IMPL
     base = config._attn_implementation
     return {
-        "text_attention": "stream_sdpa" if fast and installed else base,
+        "text_attention": ("stream_triton" if live_kernel else "stream_sdpa") if fast and installed else base,
         "vision_attention": "stream_flash_varlen" if fast and installed and vision_varlen_supported() else base,
     }

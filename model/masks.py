@@ -22,14 +22,17 @@ class StreamMask:
     """The keys are ``past`` cached tokens then the n new ones (fast kernels only).
 
     ``dense``: an additive (1, 1, n, keys) mask, or None for plain causal-after-the-cache.
-    The two limits choose the kernel (``fast_attention.text_attention``); they come from the
-    stream's ``StreamConfig``.
+    ``start``: ``past`` as a 0-d device tensor: then the live-length kernel
+    (``triton_attention``) runs, reading keys [0, start+n) of buffers of any capacity.
+    The two limits choose among the torch kernels (``fast_attention.text_attention``); they
+    come from the stream's ``StreamConfig``.
     """
 
     past: int
     dense: Optional[torch.Tensor] = None
     fold_max_rows: int = 1024
     rows_max_scores: int = 96 * 2**20
+    start: Optional[torch.Tensor] = None
 
 
 def causal_mask(past: int, n: int, dtype, device) -> torch.Tensor:

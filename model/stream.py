@@ -15,6 +15,7 @@ import torch
 
 from .config import StreamConfig
 from .cuda_graphs import GraphRunner, VisionGraphs
+from .fast_attention import backends, live_length_kernel, vision_varlen_supported
 from .frames import pad_to_temporal_patch, patchify
 from .kv_cache_manager import KVCacheManager, Transaction
 from .masks import StreamMask, causal_mask
@@ -56,15 +57,15 @@ class Stream:
                                  initial_state=StreamState(), grow_min=config.grow_min,
                                  initial_capacity=config.initial_capacity)
         self.fast = config.fast and model.stream_kernels
+        self.live_kernel = live_length_kernel(config.attention_kernel, self.fast, model.device)
         graphs = self.fast and model.device.type == "cuda"
-        self.runner = GraphRunner(model, self.kv, config) if graphs and config.cuda_graphs else None
+        self.runner = (GraphRunner(model, self.kv, config, live_kernel=self.causal if self.live_kernel else None)
+                       if graphs and config.cuda_graphs else None)
         varlen_graphs = graphs and config.vision_graphs and self.varlen
         self.vision_graphs = VisionGraphs(model) if varlen_graphs else None
 
     @property
     def varlen(self) -> bool:
-        from .fast_attention import vision_varlen_supported
-
         return self.fast and vision_varlen_supported()
 
     def reset(self) -> None:
@@ -88,11 +89,22 @@ class Stream:
             view = self.kv.view(txn, n)
             embeds = self.model.embed_ids(inputs) if kind == "ids" else inputs
             if mask is None:
-                mask = (StreamMask(txn.length, None, self.config.fold_max_rows, self.config.rows_max_scores)
-                        if self.fast else causal_mask(txn.length, n, embeds.dtype, embeds.device))
+                mask = self.causal(txn.length, n, embeds.dtype)
             out = self.model.forward_segment(view, embeds, positions, mask, logits=logits)
         txn.wrote(n, next_position=max(txn.state.next_position, next_start(positions)))
         return out
+
+    def causal(self, past: int, n: int, dtype, start: Optional[torch.Tensor] = None):
+        """The mask of n tokens after ``past`` cached ones, in the form this stream's kernels take.
+
+        ``start``: ``past`` as a device tensor already (CUDA graphs); else one is made when needed.
+        """
+        cfg = self.config
+        if not self.fast:
+            return causal_mask(past, n, dtype, self.model.device)
+        if self.live_kernel:
+            start = start if start is not None else torch.tensor(past, dtype=torch.long, device=self.model.device)
+        return StreamMask(past, None, cfg.fold_max_rows, cfg.rows_max_scores, start)
 
     def feed_ids(self, txn: Transaction, ids: list[int], logits: str = "none") -> Optional[torch.Tensor]:
         """Append text token ids at the next free positions."""
@@ -177,9 +189,7 @@ class Stream:
         txn.update(turn_open=False, turns=txn.state.turns + 1)
 
     def stats(self) -> dict:
-        from .fast_attention import backends
-
-        return {**backends(self.model.config, self.fast),
+        return {**backends(self.model.config, self.fast, self.live_kernel),
                 "cuda_graphs": self.runner.status() if self.runner is not None else "off",
                 "vision_graphs": self.vision_graphs.status() if self.vision_graphs is not None else "off",
                 "cache_allocations": self.kv.cache.allocations}

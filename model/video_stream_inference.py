@@ -151,6 +151,28 @@ class VideoStreamInference:
         best = max(range(len(scores)), key=scores.__getitem__)
         return ChoiceResult(choices[best], best, scores, norm, choices, time.perf_counter() - t0)
 
+    def reserve(self, tokens: int) -> None:
+        """Allocate K/V room for ``tokens`` now, so the cache never grows (and graphs never re-capture) below it."""
+        if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1:
+            raise ValueError(f"tokens must be an int >= 1, got {tokens!r}")
+        self._transaction(self._reserve, tokens)
+
+    def warmup(self, frame_size: tuple[int, int], chunk_frames: int = 4, fps: float = 2.0,
+               capacity: Optional[int] = None) -> dict:
+        """Prepare a stream for real time: reserve ``capacity`` tokens and capture every CUDA graph now.
+
+        Runs a dummy chunk of ``chunk_frames`` black frames of ``frame_size`` (H, W) (and a lone held
+        frame), questions of every graph bucket and decode steps inside a transaction that is then
+        dropped: the stream is left exactly as it was. Returns what was captured and how long it took.
+        """
+        t0 = time.perf_counter()
+        check_fps(fps)
+        if capacity is not None:
+            self.reserve(capacity)
+        frames = [torch.zeros(3, *frame_size, dtype=torch.uint8)] * chunk_frames
+        raw = to_frame_list(frames)
+        return self._transaction(self._warmup, raw, fps, t0)
+
     def reset(self) -> None:
         """Drop the stream (cache, state, snapshots) and start a new one on the same model."""
         self._acquire()
@@ -240,6 +262,7 @@ class VideoStreamInference:
         txn.update(frame_size=size, fps=fps, chunks=st.chunks + 1, frames_seen=st.frames_seen + len(raw),
                    video_seconds=st.video_seconds + len(raw) / fps)
         pending = txn.state.pending_frame is not None
+        self._sync()  # encode_s is the time until the chunk is in the cache, not until its kernels are queued
         return txn, ChunkInfo(st.chunks, len(raw), n_encoded, pending, txn.length - st.last_cache_position,
                               txn.length, time.perf_counter() - t0)
 
@@ -255,6 +278,7 @@ class VideoStreamInference:
         self._stream.feed_frames(txn, frames, self.image_pixels)
         self._stream.close_block(txn)
         txn.update(chunks=txn.state.chunks + 1)
+        self._sync()
         return txn, ChunkInfo(txn.state.chunks - 1, 1, 1, False, txn.length - before, txn.length,
                               time.perf_counter() - t0)
 
@@ -277,6 +301,26 @@ class VideoStreamInference:
         txn = self.kv.begin()
         q_logits = self._stream.open_question(txn, question)[0]  # (V,)
         return None, score_choices(self._stream, txn, q_logits, choice_ids)
+
+    def _reserve(self, tokens: int):
+        self.kv.cache.reserve(tokens, keep=self.kv.get_seq_length())
+        return None, None
+
+    @torch.no_grad()
+    def _warmup(self, raw: list, fps: float, t0: float):
+        txn = self.kv.begin()  # never committed
+        self._stream.ensure_turn(txn)
+        if txn.state.block_start is None:
+            self._stream.open_block(txn, self.video_pixels.temporal_patch_size / fps)
+        size = txn.state.frame_size or target_size(raw[0].shape[1], raw[0].shape[2], self.video_pixels)
+        frames = resize_frames(raw, size, device=self.model.device)
+        self._stream.add_video_frames(txn, frames)  # the chunk's vision and LM graphs
+        self._stream.add_video_frames(txn, frames[:1])  # held, then flushed padded: the one-grid graphs
+        self._stream.close_block(txn)
+        for b in self.config.graph_buckets:  # questions and decode steps of every bucket
+            self._stream.feed_ids(txn.fork(), [0] * b, logits="last")
+        self._sync()
+        return None, {"seconds": time.perf_counter() - t0, **self._stream.stats()}
 
     def _default_fps(self) -> float:
         if not self._warned_fps:

@@ -1,0 +1,110 @@
+"""Streamed == offline on the GPU with the 3B architecture (issue 7's exactness rows).
+
+fp32 with TF32 off: a stream with a random chunking (1..7 frames a call) is paused at random
+points up to 2 s of 448x448 video at 30 fps, and at points past 30k cached tokens; at each,
+greedy tokens and the ask_choice choice must equal the offline path's, with the max abs logit
+difference reported. bf16: first-token argmax agreement and relative logit difference against
+the offline path at 2 s and past 30k tokens. GPU only.
+
+    python benchmarks/bench_exact.py --short-points 16 --long-points 2 --json out.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+from model import StreamConfig, VideoStreamInference  # noqa: E402
+from model.offline import build_inputs, chat_segments, native_generate, native_logits  # noqa: E402
+from model.prompt import encode_user_text  # noqa: E402
+from model.synthetic import synthetic_frames  # noqa: E402
+from model.testing import QWEN25_VL_3B_CONFIG, build_3b_processor, build_random_model  # noqa: E402
+from model.timing import set_exact_fp32  # noqa: E402
+
+Q, FPS, SIZE = "What is happening in the video right now?", 30, 448
+CHOICES = ["a red circle", "a green square", "a blue triangle", "nothing"]
+
+
+def offline_choice(model, proc, frames) -> int:
+    scores = []
+    for c in CHOICES:
+        ids = encode_user_text(proc.tokenizer, c)
+        logits = native_logits(model, build_inputs(model, proc, chat_segments(proc, Q, frames, FPS) + [("ids", ids)]), True)
+        logp = torch.log_softmax(logits[0, -len(ids) - 1:-1], -1)
+        scores.append(float(logp.gather(1, torch.tensor(ids, device=logp.device)[:, None]).sum()))
+    return max(range(len(scores)), key=scores.__getitem__)
+
+
+def pauses(short: int, long: int, seed: int = 0) -> list[int]:
+    """Frame counts to pause at: ``short`` up to 2 s, ``long`` past 30k tokens (8.2 s = 246 frames)."""
+    rng = random.Random(seed)
+    return sorted(set(2 * rng.randint(1, 30) for _ in range(short * 3)))[:short] + [246 + 2 * i for i in range(long)]
+
+
+def stream_to(engine, frames, points, rng, answer):
+    seen, out = 0, []
+    for p in points:
+        while seen < p:
+            c = min(rng.randint(1, 7), p - seen)
+            engine.append_frames(frames[seen:seen + c], fps=FPS)
+            seen += c
+        out.append(answer(engine, p))
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--short-points", type=int, default=16)
+    ap.add_argument("--long-points", type=int, default=2)
+    ap.add_argument("--json")
+    args = ap.parse_args(argv)
+    proc = build_3b_processor()
+    points = pauses(args.short_points, args.long_points)
+    frames = synthetic_frames(points[-1], SIZE, SIZE)
+    res = {"points_frames": points}
+    # bf16: agreement measures (the paths multiply differently shaped matrices, so they round differently)
+    model = build_random_model(QWEN25_VL_3B_CONFIG, dtype=torch.bfloat16, device="cuda")
+    engine = VideoStreamInference(model, proc, config=StreamConfig())
+    bf16 = []
+    for p in (60, points[-1]):
+        engine.reset()
+        stream_to(engine, frames, [p], random.Random(1), lambda e, p: None)
+        a = engine.ask(Q, max_new_tokens=1).first_logits
+        ref = native_logits(model, build_inputs(model, proc, chat_segments(proc, Q, frames[:p], FPS)))[0, -1]
+        bf16.append({"frames": p, "tokens": engine.kv.get_seq_length(), "argmax_equal": int(a.argmax()) == int(ref.argmax()),
+                     "rel_logit_diff": float((a - ref).norm() / ref.norm())})
+        print("bf16", bf16[-1], flush=True)
+    res["bf16"] = bf16
+    del engine, model
+    torch.cuda.empty_cache()
+    set_exact_fp32()
+    model = build_random_model(QWEN25_VL_3B_CONFIG, dtype=torch.float32, device="cuda")
+    engine = VideoStreamInference(model, proc, config=StreamConfig())
+    streamed = stream_to(engine, frames, points, random.Random(0), lambda e, p: (
+        e.ask(Q, max_new_tokens=8), e.ask_choice(Q, CHOICES).index, e.kv.get_seq_length()))
+    rows = []
+    for p, (ans, choice, tokens) in zip(points, streamed):
+        ref = native_generate(model, build_inputs(model, proc, chat_segments(proc, Q, frames[:p], FPS)), 8, engine.stop_ids)
+        rows.append({"frames": p, "tokens": tokens, "greedy_equal": ans.token_ids == ref.token_ids,
+                     "choice_equal": choice == offline_choice(model, proc, frames[:p]),
+                     "max_abs_logit_diff": float((ans.first_logits - ref.first_logits).abs().max())})
+        print("fp32", rows[-1], flush=True)
+    res["fp32"] = rows
+    res["fp32_summary"] = {"points": len(rows), "greedy_equal": sum(r["greedy_equal"] for r in rows),
+                           "choice_equal": sum(r["choice_equal"] for r in rows),
+                           "max_abs_logit_diff": max(r["max_abs_logit_diff"] for r in rows),
+                           "backends": {k: engine.stats()[k] for k in ("text_attention", "cuda_graphs", "vision_graphs")}}
+    print(res["fp32_summary"])
+    if args.json:
+        json.dump(res, open(args.json, "w"), indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,151 @@
+"""Attention over a preallocated cache that reads only the live part, with the length on the device.
+
+One Triton kernel serves every stream segment on a GPU (a decode step, a question, a video
+chunk): n new query rows at positions [start, start+n) against K/V buffers of any capacity,
+bottom-right causal (row t sees keys 0..start+t). ``start`` is a device tensor, so a CUDA
+graph captured once over the whole capacity costs what the live length costs, and a stream
+never needs a re-capture as it grows.
+
+- grouped-query heads are folded into rows: the g query heads of one K/V head share every K/V
+  load (K/V read once per split, never copied);
+- split-K ("flash-decoding"): the keys are cut into ``splits`` ranges handled by separate
+  programs, so one query row still fills the GPU; a second kernel merges the partial results
+  by their log-sum-exp;
+- softmax in float32 (online), P @ V in the input dtype as flash kernels do; float32 inputs use
+  exact (IEEE) dots, never TF32.
+Runs in Triton's interpreter on CPU tensors (``TRITON_INTERPRET=1``), which is how CI tests it.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU installs without Triton: the torch kernels are used
+    triton = None
+
+BLOCK_N = 64  # keys per step
+
+
+def available(device: torch.device) -> bool:
+    """True where the kernel can run: Triton importable and a CUDA device (or the interpreter on CPU)."""
+    import os
+
+    return triton is not None and (device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1")
+
+
+if triton is not None:
+
+    @triton.jit
+    def _split_kernel(Q, K, V, Start, Acc, Lse,
+                      sqh, sqt, sqd, skh, skt, skd, svh, svt, svd,
+                      n, G, M, scale,
+                      SPLITS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr,
+                      FP32: tl.constexpr):
+        mb, h, s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        start = tl.load(Start).to(tl.int32)
+        kv_len = start + n
+        rows = mb * BM + tl.arange(0, BM)  # folded rows: (head in group, token)
+        row_ok = rows < M
+        qh = h * G + rows // n
+        t = rows % n
+        d = tl.arange(0, D)
+        q = tl.load(Q + qh[:, None] * sqh + t[:, None] * sqt + d[None, :] * sqd, mask=row_ok[:, None], other=0.0)
+        per = tl.cdiv(tl.cdiv(kv_len, BN), SPLITS) * BN
+        lo = s * per
+        hi = tl.minimum(lo + per, kv_len)
+        m_i = tl.full([BM], float("-inf"), tl.float32)
+        l_i = tl.zeros([BM], tl.float32)
+        acc = tl.zeros([BM, D], tl.float32)
+        for j0 in range(lo, hi, BN):
+            j = j0 + tl.arange(0, BN)
+            key_ok = j < hi
+            k = tl.load(K + h * skh + j[:, None] * skt + d[None, :] * skd, mask=key_ok[:, None], other=0.0)
+            if FP32:
+                sc = tl.dot(q, tl.trans(k), input_precision="ieee")
+            else:
+                sc = tl.dot(q, tl.trans(k))
+            sc = sc * scale
+            visible = key_ok[None, :] & (j[None, :] <= start + t[:, None])
+            sc = tl.where(visible, sc, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(sc, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.exp(sc - m_safe[:, None])
+            alpha = tl.exp(m_i - m_safe)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(V + h * svh + j[:, None] * svt + d[None, :] * svd, mask=key_ok[:, None], other=0.0)
+            if FP32:
+                acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
+            else:
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m_i = m_new
+        seen = l_i > 0
+        out = acc / tl.where(seen, l_i, 1.0)[:, None]
+        lse = tl.where(seen, m_i + tl.log(tl.where(seen, l_i, 1.0)), float("-inf"))
+        base = (s * tl.num_programs(1) + h) * M + rows
+        tl.store(Acc + base[:, None] * D + d[None, :], out, mask=row_ok[:, None])
+        tl.store(Lse + base, lse, mask=row_ok)
+
+    @triton.jit
+    def _merge_kernel(Acc, Lse, Out, sot, soh, sod, n, G, M, HKV,
+                      SPLITS: tl.constexpr, BM: tl.constexpr, D: tl.constexpr):
+        mb, h = tl.program_id(0), tl.program_id(1)
+        rows = mb * BM + tl.arange(0, BM)
+        row_ok = rows < M
+        d = tl.arange(0, D)
+        top = tl.full([BM], float("-inf"), tl.float32)
+        for s in range(SPLITS):
+            top = tl.maximum(top, tl.load(Lse + (s * HKV + h) * M + rows, mask=row_ok, other=float("-inf")))
+        total = tl.zeros([BM], tl.float32)
+        acc = tl.zeros([BM, D], tl.float32)
+        for s in range(SPLITS):
+            base = (s * HKV + h) * M + rows
+            w = tl.exp(tl.load(Lse + base, mask=row_ok, other=float("-inf")) - top)
+            total += w
+            acc += w[:, None] * tl.load(Acc + base[:, None] * D + d[None, :], mask=row_ok[:, None], other=0.0)
+        out = acc / total[:, None]
+        qh = h * G + rows // n
+        t = rows % n
+        tl.store(Out + t[:, None] * sot + qh[:, None] * soh + d[None, :] * sod, out.to(Out.dtype.element_ty),
+                 mask=row_ok[:, None])
+
+
+def splits_for(rows: int, kv_heads: int, keys: int, device: torch.device) -> int:
+    """Key ranges per (row block, K/V head): enough programs to fill the GPU."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+    programs = math.ceil(rows / _block_m(rows)) * kv_heads
+    return max(1, min(128, (4 * sms) // programs, math.ceil(keys / (4 * BLOCK_N))))
+
+
+def _block_m(rows: int) -> int:
+    return 16 if rows <= 16 else 64
+
+
+def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, start: torch.Tensor, scale: float,
+              splits: Optional[int] = None) -> torch.Tensor:
+    """query (1, Hq, n, D) at positions [start, start+n); key/value (1, Hkv, >= start+n, D) buffers.
+
+    ``start``: a 0-d integer tensor on the query's device. Returns (1, n, Hq, D): what transformers'
+    attention functions return. Only keys [0, start+n) are read.
+    """
+    _, hq, n, d = query.shape
+    hkv = key.shape[1]
+    g, m = hq // hkv, (hq // hkv) * n
+    assert d & (d - 1) == 0 and d >= 16, f"head dim {d} must be a power of two >= 16"
+    splits = splits or splits_for(m, hkv, key.shape[2], query.device)
+    bm = _block_m(m)
+    acc = torch.empty(splits, hkv, m, d, dtype=torch.float32, device=query.device)
+    lse = torch.empty(splits, hkv, m, dtype=torch.float32, device=query.device)
+    out = torch.empty(1, n, hq, d, dtype=query.dtype, device=query.device)
+    q, k, v = query[0], key[0], value[0]
+    fp32 = query.dtype == torch.float32
+    _split_kernel[(triton.cdiv(m, bm), hkv, splits)](
+        q, k, v, start, acc, lse, *q.stride(), *k.stride(), *v.stride(), n, g, m, scale,
+        SPLITS=splits, BM=bm, BN=BLOCK_N, D=d, FP32=fp32)
+    _merge_kernel[(triton.cdiv(m, bm), hkv)](acc, lse, out, out.stride(1), out.stride(2), out.stride(3), n, g, m, hkv,
+                                             SPLITS=splits, BM=bm, D=d)
+    return out
