@@ -1,39 +1,37 @@
-"""Reading frames from a video file (OpenCV), or the synthetic video when no file is given."""
+"""Reading frames from a video file (through ``open_video``), or the synthetic video when no file is given."""
 from __future__ import annotations
 
+import itertools
 import os
 from typing import Optional
 
 import numpy as np
 
+from .sources import open_video
+from .synthetic import synthetic_frames
+
 
 def read_video(path: str | os.PathLike, seconds: Optional[float] = None) -> tuple[list[np.ndarray], float]:
-    """The first ``seconds`` (all if None) of a video as RGB uint8 frames, and its fps."""
-    import cv2
+    """The first ``seconds`` (all if None) of a video as RGB uint8 frames at the file's own rate, and that rate.
 
-    cap = cv2.VideoCapture(str(path))
-    if not cap.isOpened():
-        raise ValueError(f"Cannot open video: {path}; set VIDEO_PATH to a readable video file")
-    fps = cap.get(cv2.CAP_PROP_FPS) or 30.0
-    limit = None if seconds is None else int(round(seconds * fps))
-    frames = []
+    ``seconds`` keeps ``round(seconds * fps)`` frames. A missing or unreadable file raises
+    ValueError ("Cannot open video: ..."); frames lost to damage are warned (``VideoSourceWarning``).
+    """
     try:
-        while limit is None or len(frames) < limit:
-            ok, bgr = cap.read()
-            if not ok:
-                break
-            frames.append(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))
-    finally:
-        cap.release()
+        source = open_video(path, fps=None)
+    except ValueError as e:
+        raise ValueError(f"{e}; set VIDEO_PATH to a readable video file") from e
+    with source:
+        fps = source.source_fps or 30.0
+        limit = None if seconds is None else int(round(seconds * fps))
+        frames = [frame for _, frame in itertools.islice(source, limit)]
     if not frames:
-        raise ValueError(f"Cannot read any frame from {path}")
+        raise ValueError(f"Cannot read any frame from {path} in its first {seconds} s")
     return frames, float(fps)
 
 
 def load_frames(path: Optional[str], seconds: float, fps: float = 30.0, size: int = 448) -> tuple[list[np.ndarray], float]:
     """Frames of ``path`` (up to ``seconds``), or ``seconds`` of the synthetic video at ``fps``."""
-    from .testing import synthetic_frames
-
     if path:
         return read_video(path, seconds)
     return synthetic_frames(int(round(seconds * fps)), size, size), fps
