@@ -1,0 +1,106 @@
+"""python -m model.eval: run OVO-Bench or StreamingBench through the streaming engine.
+
+    python -m model.eval --benchmark ovo --annotations ovo_bench_new.json --video-root OVO-Bench/src_videos \\
+        --model /path/to/Qwen2.5-VL-3B-Instruct --modes stream,window --parity 5 --out eval-ovo
+
+Run it again with the same --out to resume; the report is rewritten from all answers so far.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from ..timing import set_exact_fp32
+from .events import BENCHMARKS
+from .modes import MODES, PLANNED
+from .readers import read_annotations
+from .report import write_report
+from .runner import EvalConfig, run_benchmark
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m model.eval", description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--benchmark", required=True, choices=BENCHMARKS)
+    p.add_argument("--annotations", required=True, help="the benchmark's question file (JSON)")
+    p.add_argument("--video-root", required=True, help="folder the annotations' video paths are relative to")
+    p.add_argument("--model", default=None, help="Qwen2.5-VL checkpoint folder (default: $QWEN_MODEL_PATH; "
+                                                  "neither: random weights, for timing only)")
+    p.add_argument("--dtype", choices=list(DTYPES), default=None, help="default: bfloat16 on GPU, float32 on CPU")
+    p.add_argument("--fps", type=float, default=2.0, help="frames per second sampled from each video")
+    p.add_argument("--modes", default="stream,window",
+                   help=f"comma-separated, from {', '.join(MODES)} ({', '.join(PLANNED)}: planned)")
+    p.add_argument("--window-frames", type=int, default=16, help="window mode: last N frames re-prefilled per question")
+    p.add_argument("--chunk-frames", type=int, default=8, help="stream mode: frames per append_frames call")
+    p.add_argument("--parity", type=int, default=0, metavar="K",
+                   help="check the first K stream answers against the native offline path (use --dtype float32)")
+    p.add_argument("--generate", type=int, default=0, metavar="TOKENS",
+                   help="also answer by generation (up to TOKENS tokens) matched to an option")
+    p.add_argument("--out", default=None, help="results folder (default: eval-BENCHMARK)")
+    p.add_argument("--limit", type=int, default=None, help="only the first N events of the annotation file")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return p.parse_args(argv)
+
+
+def load_engine(model_path, dtype_name):
+    """(engine, description): --model, else $QWEN_MODEL_PATH, else random weights (said loudly)."""
+    from .. import VideoStreamInference
+
+    path = model_path or os.environ.get("QWEN_MODEL_PATH")
+    cuda = torch.cuda.is_available()
+    dtype = DTYPES[dtype_name] if dtype_name else (torch.bfloat16 if cuda else torch.float32)
+    if dtype == torch.float32:
+        set_exact_fp32()  # no TF32: the setting in which streamed and offline answers must agree
+    if path:
+        source = "--model" if model_path else "QWEN_MODEL_PATH"
+        if not os.path.isdir(path):
+            raise ValueError(f"model folder not found: {path!r} (from {source}); "
+                             "pass a local Qwen2.5-VL checkpoint folder")
+        return VideoStreamInference.from_pretrained(path, dtype=dtype), f"checkpoint {path}"
+    from ..testing import QWEN25_VL_3B_CONFIG, build_3b_processor, build_random_model, build_tiny_model
+
+    what = "Qwen2.5-VL-3B architecture" if cuda else "tiny model (CPU)"
+    print("!" * 78 + f"\n! No --model and no QWEN_MODEL_PATH: RANDOM WEIGHTS ({what}).\n"
+          "! Accuracies are meaningless; timings are real.\n" + "!" * 78, file=sys.stderr)
+    if cuda:
+        model = build_random_model(QWEN25_VL_3B_CONFIG, dtype=dtype, device="cuda")
+        return VideoStreamInference(model, build_3b_processor()), f"random-weight {what}"
+    model, processor = build_tiny_model()
+    return VideoStreamInference(model.to(dtype), processor), f"random-weight {what}"
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        config = EvalConfig(fps=args.fps, modes=args.modes, window_frames=args.window_frames,
+                            chunk_frames=args.chunk_frames, parity=args.parity, generate_tokens=args.generate,
+                            progress=not args.no_progress)
+        if not os.path.isdir(args.video_root):
+            raise ValueError(f"video root not found: {args.video_root!r}")
+        annotations = read_annotations(args.benchmark, args.annotations, limit=args.limit)
+        engine, description = load_engine(args.model, args.dtype)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    out = args.out or f"eval-{args.benchmark}"
+    print(f"{len(annotations.events)} events from {annotations.entries} entries "
+          f"({len(annotations.problems)} skipped), {len(annotations.videos())} videos -> {out}")
+    result = run_benchmark(engine, annotations, args.video_root, out, config, description)
+    paths = write_report(out, result)
+    print(Path(paths["markdown"]).read_text())
+    print(f"report: {paths['markdown']}, {paths['json']}, {paths['png']}")
+    parity = paths["summary"]["parity"]
+    if parity and parity["failed"]:
+        print(f"PARITY FAILED on {parity['failed']} event(s)", file=sys.stderr)
+        return 1
+    return 0 if result.completed else 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

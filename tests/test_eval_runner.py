@@ -1,0 +1,338 @@
+"""The streaming-benchmark runner (model.eval) on a miniature benchmark generated here.
+
+Three synthetic videos with known events (shapes appearing at known times), annotations in
+both formats (forward probes with several realtime entries, several questions at one
+timestamp, a malformed entry, a missing video): the runner completes, writes the report,
+resumes after an interruption without redoing events, and in parity mode every streamed
+choice equals the offline (native) choice in fp32.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from model import VideoStreamInference
+from model.eval import EvalConfig, read_annotations, run_benchmark, write_report
+from model.eval.__main__ import main as cli_main
+from model.eval.events import parse_timestamp
+from model.eval.prompts import match_option
+from model.eval.scoring import parity_check
+
+H, W, VIDEO_FPS = 84, 112, 4
+# video -> (seconds, [(appears_at_s, shape, BGR colour)])
+VIDEOS = {
+    "ovo/v0.mp4": (4.0, [(1.0, "square", (0, 0, 255)), (2.5, "circle", (255, 0, 0))]),
+    "ovo/v1.mp4": (3.0, [(0.5, "circle", (0, 200, 0)), (2.0, "square", (0, 220, 220))]),
+    "videos/sb0.mp4": (3.0, [(1.0, "square", (0, 0, 255)), (2.0, "circle", (255, 0, 0))]),
+}
+COLOURS = ["red", "blue", "green", "yellow"]
+
+OVO_ANNOTATIONS = [
+    {"id": 0, "task": "EPM", "video": "ovo/v0.mp4", "realtime": 2.0, "question": "Which colour appeared first?",
+     "options": COLOURS, "gt": 0},
+    {"id": 1, "task": "STU", "video": "ovo/v0.mp4", "realtime": 2.0, "question": "Where is the square?",
+     "options": ["left", "right", "top"], "gt": 0},  # same timestamp as id 0
+    {"id": 2, "task": "OCR", "video": "ovo/v1.mp4", "realtime": 1.5, "question": "What colour is the circle?",
+     "options": COLOURS, "gt": 2},
+    {"id": 3, "task": "REC", "video": "ovo/v0.mp4", "activity": "show a new shape",
+     "test_info": [{"realtime": 1.0, "count": 1}, {"realtime": 2.5, "count": 2}, {"realtime": 3.5, "count": 2}]},
+    {"id": 4, "task": "SSR", "video": "ovo/v1.mp4",
+     "test_info": [{"realtime": 0.5, "step": "draw a yellow square", "type": 0},
+                   {"realtime": 2.0, "step": "draw a yellow square", "type": 1}]},
+    {"id": 5, "task": "CRR", "video": "ovo/v0.mp4", "question": "What colour is the circle?",
+     "test_info": [{"realtime": 1.0, "type": 0}, {"realtime": 3.0, "type": 1}]},
+    {"id": 8, "task": "CRR", "video": "ovo/v1.mp4", "question": "Which shape came second?",  # one question, 2 probes
+     "options": ["circle", "square"], "gt": 1, "test_info": [{"realtime": 1.0}, {"realtime": 2.5}]},
+    {"id": 6, "task": "EPM", "video": "ovo/v1.mp4", "realtime": 1.0, "question": "Which shape?",
+     "options": ["circle", "square"], "gt": 5},  # malformed: gt out of range
+    {"id": 7, "task": "ATR", "video": "ovo/missing.mp4", "realtime": 1.0, "question": "What colour?",
+     "options": COLOURS, "gt": 1},  # its video does not exist
+]
+OVO_EVENTS = 13  # 3 single questions + 3 REC + 2 SSR + 2 + 2 CRR probes + the missing video's question
+
+SB_ANNOTATIONS = [
+    {"video_path": "./videos/sb0.mp4", "questions": [
+        {"task_type": "Object Recognition", "question": "What shape is on screen right now?", "time_stamp": "00:00:02",
+         "options": ["A. A square.", "B. A circle.", "C. A triangle.", "D. Nothing."], "answer": "B"},
+        {"task_type": "Counting", "question": "How many shapes are visible?", "time_stamp": "00:00:02",
+         "options": ["A. 0", "B. 1", "C. 2", "D. 3"], "answer": "C"},
+        {"task_type": "Counting", "question": "How many shapes?", "time_stamp": "00:00:01",
+         "options": ["A. 0", "B. 1"], "answer": "Q"},  # malformed: answer is no option letter
+    ]},
+    {"video_path": "./videos/sb0.mp4", "questions": [
+        {"task_type": "Emotion Recognition", "question": "How does the scene feel?", "time_stamp": "00:01",
+         "options": ["A. Calm", "B. Tense"], "answer": "A"},
+        {"task_type": "Misleading Context Understanding", "question": "Was there a triangle?", "time_stamp": "00:00:03",
+         "options": ["A. Yes", "B. No"], "answer": "B"}]},
+    "not an entry",  # malformed: not an object
+]
+
+
+def _write_video(path: Path, seconds: float, shapes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), VIDEO_FPS, (W, H))
+    assert writer.isOpened(), f"OpenCV cannot write {path}"
+    for i in range(int(seconds * VIDEO_FPS)):
+        img = np.full((H, W, 3), 40, np.uint8)
+        for k, (at, shape, colour) in enumerate(shapes):
+            if i / VIDEO_FPS >= at:
+                x, y = 25 + 50 * k, 42
+                if shape == "square":
+                    cv2.rectangle(img, (x - 12, y - 12), (x + 12, y + 12), colour, -1)
+                else:
+                    cv2.circle(img, (x, y), 12, colour, -1)
+        writer.write(img)
+    writer.release()
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory):
+    root = tmp_path_factory.mktemp("minibench")
+    for rel, (seconds, shapes) in VIDEOS.items():
+        _write_video(root / "videos_root" / rel, seconds, shapes)
+    (root / "ovo.json").write_text(json.dumps(OVO_ANNOTATIONS))
+    (root / "sb.json").write_text(json.dumps(SB_ANNOTATIONS))
+    return root
+
+
+@pytest.fixture
+def engine(tiny):
+    return VideoStreamInference(*tiny)
+
+
+class Spy:
+    """Counts the engine's answering calls (to prove that resumed events are not recomputed)."""
+
+    def __init__(self, engine):
+        self.calls = 0
+        original = engine.ask_choice
+
+        def counted(*args, **kwargs):
+            self.calls += 1
+            return original(*args, **kwargs)
+
+        engine.ask_choice = counted
+
+
+class Stop(Exception):
+    pass
+
+
+def _lines(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+
+
+def _config(**kw) -> EvalConfig:
+    return EvalConfig(**{"fps": 2.0, "modes": ("stream", "window"), "window_frames": 3, "chunk_frames": 3,
+                         "progress": False, **kw})
+
+
+# ------------------------------------------------------------------ readers
+
+def test_readers_normalise_both_formats_and_report_malformed_entries(bench):
+    ovo = read_annotations("ovo", bench / "ovo.json")
+    assert len(ovo.events) == OVO_EVENTS and ovo.entries == len(OVO_ANNOTATIONS)
+    assert [(p.index, "gt" in p.reason) for p in ovo.problems] == [(7, True)]
+    ev = {e.event_id: e for e in ovo.events}
+    rec = [ev[f"3#{k}"] for k in range(3)]
+    assert [e.t_seconds for e in rec] == [1.0, 2.5, 3.5] and [e.answer for e in rec] == ["1", "2", "2"]
+    assert rec[0].options == tuple(str(c) for c in range(11)) and rec[0].category == "forward"
+    assert [ev["4#0"].answer, ev["4#1"].answer] == ["No", "Yes"] and "yellow square" in ev["4#0"].question
+    assert ev["5#1"].options == ("Yes", "No") and ev["5#1"].answer == "Yes" and ev["5#1"].probe == 1
+    assert (ev["0"].category, ev["1"].category, ev["2"].category) == ("backward", "real-time", "real-time")
+    assert [(ev[f"8#{k}"].t_seconds, ev[f"8#{k}"].answer) for k in (0, 1)] == [(1.0, "square"), (2.5, "square")]
+    assert ev["8#0"].options == ("circle", "square") and ev["8#1"].entry_index == 6
+    assert ev["0"].answer == "red" and ev["0"].t_seconds == 2.0 and ev["0"].entry_index == 0
+
+    sb = read_annotations("streamingbench", bench / "sb.json")
+    assert [e.event_id for e in sb.events] == ["0.0", "0.1", "1.0", "1.1"]
+    reasons = sorted((p.index, p.reason.split(":")[0]) for p in sb.problems)
+    assert reasons == [(0, "question 2"), (2, "expected an object, got str")]
+    first = sb.events[0]
+    assert first.options == ("A square.", "A circle.", "A triangle.", "Nothing.") and first.answer_index == 1
+    assert first.t_seconds == 2.0 and sb.events[2].t_seconds == 1.0 and first.video == "./videos/sb0.mp4"
+    assert [e.category for e in sb.events] == ["real-time", "real-time", "omni-source", "contextual"]
+    assert len(read_annotations("ovo", bench / "ovo.json", limit=4).events) == 4
+
+
+def test_reader_and_config_errors_are_actionable(bench, tmp_path):
+    with pytest.raises(ValueError, match="annotation file not found"):
+        read_annotations("ovo", tmp_path / "nope.json")
+    (tmp_path / "obj.json").write_text("{}")
+    with pytest.raises(ValueError, match="expected a JSON list"):
+        read_annotations("streamingbench", tmp_path / "obj.json")
+    with pytest.raises(ValueError, match="unknown benchmark"):
+        read_annotations("mvbench", bench / "ovo.json")
+    assert parse_timestamp("01:02:03.5") == 3723.5 and parse_timestamp("00:07") == 7.0
+    for bad in ("1:75:00", "a:b", "", "1:2:3:4"):
+        with pytest.raises(ValueError, match="time_stamp"):
+            parse_timestamp(bad)
+    with pytest.raises(ValueError, match="bounded-memory issue"):
+        EvalConfig(modes="stream,bounded")
+    with pytest.raises(ValueError, match="unknown mode"):
+        EvalConfig(modes="stream,cloud")
+    with pytest.raises(ValueError, match="window_frames"):
+        EvalConfig(window_frames=0)
+
+
+def test_generated_answers_are_matched_to_options():
+    opts = ["red", "dark red", "blue"]
+    assert match_option("B", opts) == 1 and match_option("(C) blue", opts) == 2 and match_option("Answer: A", opts) == 0
+    assert match_option("It is dark red.", opts) == 1 and match_option("no idea", opts) is None
+    assert match_option("Yes.", ["Yes", "No"]) == 0 and match_option("3 times", [str(i) for i in range(11)]) == 3
+    assert match_option("E", opts) is None
+
+
+# ------------------------------------------------------------------ the runner
+
+def test_ovo_run_completes_reports_and_resumes_without_redoing_events(bench, engine, tiny, tmp_path):
+    ann = read_annotations("ovo", bench / "ovo.json")
+    root = bench / "videos_root"
+    out = tmp_path / "resumed"
+
+    def stop_after(n):
+        count = [0]
+
+        def hook(record):
+            count[0] += 1
+            if count[0] == n:
+                raise Stop()
+        return hook
+
+    with pytest.raises(Stop):  # interrupted in the middle of the first video's stream pass
+        run_benchmark(engine, ann, root, out, _config(), "tiny", on_record=stop_after(2))
+    first = _lines(out)
+    assert len(first) == 2 and {r["mode"] for r in first} == {"stream"}
+
+    spy = Spy(engine)
+    result = run_benchmark(engine, ann, root, out, _config(), "tiny")
+    records = _lines(out)
+    answerable = OVO_EVENTS - 1  # the missing video's question cannot be answered
+    keys = [(r["mode"], r["event_id"]) for r in records]
+    assert len(keys) == len(set(keys)) == 2 * answerable, "each event once per mode"
+    assert records[:2] == first, "answered events are kept as they were"
+    warm_up = 2  # one unrecorded question (2 scorer calls) before the first timed one
+    assert spy.calls == warm_up + 2 * (2 * answerable - 2), "only the unanswered events were asked (2 calls each)"
+    assert result.completed and result.new_records == 2 * answerable - 2
+    resumed = next(r for r in records[2:] if r["mode"] == "stream")
+    assert resumed["ingest_frames"] == resumed["frames"] == 5, "the stream re-ingests the video up to t=2.0"
+    assert [p.video for p in result.problems if p.index is None] == ["ovo/missing.mp4"]
+
+    window = {r["event_id"]: r for r in records if r["mode"] == "window"}
+    assert window["3#2"]["frames"] == 3 and window["4#0"]["frames"] == 2, "window: the last N frames only"
+    stream = {r["event_id"]: r for r in records if r["mode"] == "stream"}
+    assert stream["3#2"]["frames"] == 8 and stream["0"]["frames"] == stream["1"]["frames"] == 5
+    assert stream["1"]["ingest_frames"] + stream["0"]["ingest_frames"] == 5, "one ingest for two questions at t=2"
+
+    # the resumed results equal an uninterrupted run's (streaming is exact whatever the chunking)
+    fresh = run_benchmark(VideoStreamInference(*tiny), ann, root, tmp_path / "fresh",
+                          _config(modes="stream", chunk_frames=8), "tiny")
+    fresh_by_key = {(r["mode"], r["event_id"]): r for r in fresh.records}
+    for r in (r for r in records if r["mode"] == "stream"):
+        f = fresh_by_key[(r["mode"], r["event_id"])]
+        for scorer in ("choice", "choice_norm", "letter"):
+            assert r[scorer]["index"] == f[scorer]["index"], (r["event_id"], scorer)
+            assert np.allclose(r[scorer]["scores"], f[scorer]["scores"], atol=1e-4, rtol=0)
+
+    spy.calls = 0  # a third run has nothing left to do
+    again = run_benchmark(engine, ann, root, out, _config(), "tiny")
+    assert again.new_records == 0 and spy.calls == 0 and len(_lines(out)) == 2 * answerable
+
+    paths = write_report(out, result)
+    summary = json.loads(Path(paths["json"]).read_text())
+    for mode in ("stream", "window"):
+        m = summary["modes"][mode]
+        assert m["answered"] == answerable and m["expected"] == OVO_EVENTS
+        acc = m["accuracy"]["letter"]
+        assert set(acc["categories"]) == {"real-time", "backward", "forward"}
+        assert acc["tasks"]["REC"]["n"] == 3 and acc["tasks"]["CRR"]["n"] == 4
+        assert acc["categories"]["forward"]["tasks"] == 3
+        cats = [c["acc"] for c in acc["categories"].values()]
+        assert acc["overall"] == pytest.approx(np.mean(cats))
+        rb = [acc["categories"][c]["acc"] for c in ("real-time", "backward")]
+        assert acc["realtime_backward"] == pytest.approx(np.mean(rb))
+        assert m["latency_s"]["choice"]["n"] == answerable and m["latency_s"]["letter"]["p95"] > 0
+        assert m["ingest"]["frames_per_s"] > 0 and m["memory_mib"]
+    assert summary["modes"]["window"]["latency_with_prefill_s"]["p50"] > 0
+    assert {(p["index"], p["video"]) for p in summary["problems"]} == {(7, None), (None, "ovo/missing.mp4")}
+    md = Path(paths["markdown"]).read_text()
+    assert "| **forward** |" in md and "| REC | 3 |" in md and "entry 7:" in md and "real-time + backward" in md
+    png = Path(paths["png"]).read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+
+    with pytest.raises(ValueError, match="other settings.*fps"):  # resuming with other settings is refused
+        run_benchmark(engine, ann, root, out, _config(fps=1.0), "tiny")
+
+
+def test_parity_streamed_choices_equal_offline_choices_in_fp32(bench, engine, tmp_path, monkeypatch):
+    ann = read_annotations("streamingbench", bench / "sb.json")
+    out = tmp_path / "sb-parity"
+    result = run_benchmark(engine, ann, bench / "videos_root", out, _config(modes="stream,reprefill", parity=100),
+                           "tiny")
+    reprefill = {r["event_id"]: r for r in _lines(out) if r["mode"] == "reprefill"}
+    records = [r for r in _lines(out) if r["mode"] == "stream"]
+    assert len(records) == len(reprefill) == len(ann.events) == 4 and all("parity" in r for r in records)
+    for r in records:  # one full prefill per question answers as the stream does
+        full = reprefill[r["event_id"]]
+        assert full["frames"] == full["ingest_frames"] == r["frames"] and "parity" not in full
+        for scorer in ("choice", "letter"):
+            assert full[scorer]["index"] == r[scorer]["index"]
+            assert np.allclose(full[scorer]["scores"], r[scorer]["scores"], atol=1e-4, rtol=0)
+    for r in records:
+        p = r["parity"]
+        assert p["dtype"] == "float32" and p["same_choice"] and not p["failed"], (r["event_id"], p)
+        assert p["choice"]["offline_index"] == r["choice"]["index"]
+        assert p["letter"]["offline_index"] == r["letter"]["index"]
+        assert p["choice"]["max_abs_score_diff"] < 1e-3 and p["letter"]["max_abs_score_diff"] < 1e-3
+        assert p["max_abs_logit_diff"] < 1e-3 and p["frames"] == r["frames"]
+    assert {r["frames"] for r in records} == {3, 5, 6}  # t = 1, 2, 3 s at 2 fps
+    summary = write_report(out, result)["summary"]
+    assert summary["parity"]["events"] == 4 and summary["parity"]["failed"] == 0
+    assert summary["modes"]["stream"]["accuracy"]["choice"]["overall"] == pytest.approx(
+        100 * np.mean([r["choice"]["correct"] for r in records]))
+
+    # the check can fail: a streamed record that chose another option is caught (offline scores
+    # read one token prefix at a time this time, as for videos too long for all-token logits)
+    monkeypatch.setattr("model.eval.scoring.FULL_LOGITS_BYTES", 0)
+    r = records[0]
+    event = next(e for e in ann.events if e.event_id == r["event_id"])
+    wrong = {**r, "choice": {**r["choice"], "index": (r["parity"]["choice"]["offline_index"] + 1) % 4}}
+    frames_seen = _decoded_frames(bench / "videos_root" / "videos/sb0.mp4", event.t_seconds)
+    verdict = parity_check(engine, event, wrong, frames_seen, 2.0)
+    assert verdict["choice"]["offline_index"] == r["parity"]["choice"]["offline_index"]
+    assert not verdict["choice"]["same_choice"] and not verdict["same_choice"]
+    assert verdict["failed"] == (verdict["choice"]["offline_margin"] > 1e-3)
+    assert verdict["choice"]["max_abs_score_diff"] < 1e-3, "prefix-by-prefix scores equal all-token scores"
+
+
+def _decoded_frames(path: Path, until: float) -> list:
+    from model.eval.videos import decode_video
+
+    return decode_video(path, 2.0, until)[1]
+
+
+def test_cli_runs_a_benchmark_and_names_a_missing_model(bench, tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("QWEN_MODEL_PATH", raising=False)
+    torch.manual_seed(0)
+    args = ["--benchmark", "streamingbench", "--annotations", str(bench / "sb.json"),
+            "--video-root", str(bench / "videos_root"), "--out", str(tmp_path / "cli"), "--no-progress"]
+    assert cli_main(args + ["--model", str(tmp_path / "no-such-model")]) == 2
+    assert "no-such-model" in capsys.readouterr().err
+    monkeypatch.setenv("QWEN_MODEL_PATH", str(tmp_path / "env-model"))
+    assert cli_main(args) == 2 and "env-model" in capsys.readouterr().err
+    monkeypatch.delenv("QWEN_MODEL_PATH")
+    assert cli_main(args + ["--modes", "bounded"]) == 2 and "bounded" in capsys.readouterr().err
+
+    assert cli_main(args + ["--limit", "3", "--generate", "2", "--window-frames", "2"]) == 0
+    captured = capsys.readouterr()
+    assert "RANDOM WEIGHTS" in captured.err and "RANDOM WEIGHTS" in captured.out  # banner, and in the report
+    records = _lines(tmp_path / "cli")
+    assert len(records) == 6 and all("generate" in r and "text" in r["generate"] for r in records)
+    summary = json.loads((tmp_path / "cli" / "report.json").read_text())
+    assert summary["completed"] and "generate" in summary["modes"]["stream"]["latency_s"]
+    assert all((tmp_path / "cli" / f).exists() for f in ("report.md", "report.png", "run.json"))
