@@ -12,6 +12,7 @@ card's ceilings and floors, and (``--exact``) fp32 greedy/choice agreement with 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import statistics
@@ -75,12 +76,23 @@ def run_stream(model, proc, name: str, config: StreamConfig, warm: bool = True) 
     n_frames = int(seconds * fps)
     tokens = n_frames // 2 * (SIZE // 28) ** 2 + 4096
     engine = VideoStreamInference(model, proc, config=config)
+    gc.collect()  # engines of earlier runs (and their graphs) are gone before the baseline is read
     torch.cuda.empty_cache()
     weights = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
     warm_info = engine.warmup((SIZE, SIZE), CHUNK, fps=fps, capacity=tokens) if warm else {}
     before = engine.stats()
     rows, asks, extra = [], [], {}
+    pauses = []  # garbage-collector passes during the stream: (generation, ms)
+    gc_start = {}
+
+    def on_gc(phase, info):
+        if phase == "start":
+            gc_start["t"] = time.perf_counter()
+        elif "t" in gc_start:
+            pauses.append((info["generation"], 1e3 * (time.perf_counter() - gc_start.pop("t"))))
+
+    gc.callbacks.append(on_gc)
     per_check = int(round(every * fps))
     frames = synthetic_frames(min(n_frames, 1200), SIZE, SIZE)  # cycled: content does not change the cost
     for i in range(0, n_frames, CHUNK):
@@ -93,6 +105,7 @@ def run_stream(model, proc, name: str, config: StreamConfig, warm: bool = True) 
             asks.append({"t": t_video, "ttft_ms": 1e3 * ans.ttft_s, "wall_ms": 1e3 * wall, "cache": info.cache_len})
         if abs(t_video - 2.0) < CHUNK / fps / 2 and "at_2s" not in extra and seconds > 2:
             extra["at_2s"] = decode_and_choice(engine)
+    gc.callbacks.remove(on_gc)
     extra["at_end"] = decode_and_choice(engine)
     after = engine.stats()
     peak = torch.cuda.max_memory_allocated()
@@ -106,6 +119,8 @@ def run_stream(model, proc, name: str, config: StreamConfig, warm: bool = True) 
         "vision_graphs_after": after["vision_graphs"],
         "cache_allocations_during_stream": after["cache_allocations"] - before["cache_allocations"],
         "stalls_chunks": stalls([r["ms"] for r in rows]), "stalls_questions": stalls([a["ttft_ms"] for a in asks]),
+        "gc_passes": {g: {"n": sum(1 for x in pauses if x[0] == g), "max_ms": max([x[1] for x in pauses if x[0] == g],
+                                                                              default=0.0)} for g in (0, 1, 2)},
         "backends": {k: after[k] for k in ("text_attention", "vision_attention", "cuda_graphs", "vision_graphs")},
     }
     out["windows"] = windows(rows, asks, 10 if seconds <= 120 else 60)
@@ -131,7 +146,7 @@ def print_stream(r):
     print(f"\n== {r['name']}: {r['seconds']} s at {r['fps']} fps, {r['cache_tokens']} tokens; backends {r['backends']}")
     print(f"   warm-up {r['warmup'].get('seconds', 0):.1f} s; graphs {r['graphs_before']} -> {r['graphs_after']}; "
           f"cache allocations during the stream {r['cache_allocations_during_stream']}; stalls: chunks "
-          f"{r['stalls_chunks']}, questions {r['stalls_questions']}")
+          f"{r['stalls_chunks']}, questions {r['stalls_questions']}; gc passes {r['gc_passes']}")
     print(f"   {'window':>12} | {'tokens':>7} | {'chunk p50/p95/max ms':>22} | {'TTFT p50/p95/max ms':>22}")
     for w in r["windows"]:
         c, q = w["chunk"], w["ttft"]

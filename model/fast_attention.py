@@ -61,7 +61,7 @@ def _rows_attention(query, key, value, mask, scaling, n, g):
 def _stream_kernels(query, key, value, spec: StreamMask, scaling):
     """query (B, Hq, n, D), key/value (B, Hkv, L, D) -> (B, n, Hq, D)."""
     if spec.start is not None and spec.dense is None:
-        return triton_attention.attention(query, key, value, spec.start, scaling)
+        return triton_attention.attention(query, key, value, spec.start, scaling, branches=spec.branches)
     b, hq, n, d = query.shape
     g = hq // key.shape[1]
     mask = spec.dense

@@ -33,6 +33,7 @@ class StreamMask:
     fold_max_rows: int = 1024
     rows_max_scores: int = 96 * 2**20
     start: Optional[torch.Tensor] = None
+    branches: Optional[torch.Tensor] = None  # (n,) int32 where each token's branch starts (a tree), with ``start``
 
 
 def causal_mask(past: int, n: int, dtype, device) -> torch.Tensor:
@@ -41,6 +42,12 @@ def causal_mask(past: int, n: int, dtype, device) -> torch.Tensor:
     j = torch.arange(past + n, device=device)[None, :]
     mask = torch.zeros(n, past + n, dtype=dtype, device=device)
     return mask.masked_fill_(j > past + i, torch.finfo(dtype).min)[None, None]
+
+
+def branch_starts(lengths: list[int], device) -> torch.Tensor:
+    """(L,) int32: for each token of branches packed one after another, where its branch starts."""
+    starts = torch.tensor([0] + lengths[:-1], device=device).cumsum(0)
+    return torch.repeat_interleave(starts, torch.tensor(lengths, device=device)).to(torch.int32)
 
 
 def tree_mask(past: int, lengths: list[int], dtype, device) -> torch.Tensor:

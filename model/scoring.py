@@ -13,7 +13,6 @@ from __future__ import annotations
 import torch
 
 from .kv_cache_manager import Transaction
-from .masks import StreamMask, tree_mask
 from .positions import text_positions
 
 TREE_ATTENTION = ("sdpa", "eager")  # base implementations that take an arbitrary additive 4-D mask
@@ -60,9 +59,7 @@ def _tree_scores(stream, txn: Transaction, branches: list[list[int]]) -> list[fl
     lengths = [len(ids) - 1 for ids in branches]
     flat = torch.tensor([t for ids in branches for t in ids[:-1]], dtype=torch.long, device=stream.model.device)
     pos = torch.cat([text_positions(txn.state.next_position, n) for n in lengths], dim=1)  # (3, L)
-    mask = tree_mask(txn.length, lengths, stream.model.dtype, stream.model.device)  # (1, 1, L, past+L)
-    if stream.fast:
-        mask = StreamMask(txn.length, mask, stream.config.fold_max_rows, stream.config.rows_max_scores)
+    mask = stream.tree(txn.length, lengths)
     logits = stream._forward(txn.fork(), "ids", flat, pos, "all", mask=mask)[0]  # (L, V)
     logp = _gather(logits, [t for ids in branches for t in ids[1:]])
     return [float(part.sum()) for part in logp.split(lengths)]

@@ -18,7 +18,7 @@ from .cuda_graphs import GraphRunner, VisionGraphs
 from .fast_attention import backends, live_length_kernel, vision_varlen_supported
 from .frames import pad_to_temporal_patch, patchify
 from .kv_cache_manager import KVCacheManager, Transaction
-from .masks import StreamMask, causal_mask
+from .masks import StreamMask, branch_starts, causal_mask, tree_mask
 from .positions import next_start, text_positions, vision_positions
 from .prompt import VISION_END, VISION_START, encode
 
@@ -79,12 +79,12 @@ class Stream:
         kind "ids": (n,) token ids; "embeds": (1, n, D). positions (3, n). Returns (1, n|1, V) or None.
         """
         n = inputs.shape[0] if kind == "ids" else inputs.shape[1]
-        graph_fits = (kind, logits) in (("ids", "last"), ("embeds", "none")) and mask is None  # what graphs return
+        graph_fits = logits != "all" and (kind == "ids" or logits == "none") and mask is None  # graphs return these
         rows = self.runner.rows(kind, n) if self.runner is not None and graph_fits else None
         out = None
         if rows is not None:
             self.kv.ensure(txn, rows)
-            out = self.runner.run(kind, txn.length, inputs, positions)
+            out = self.runner.run(kind, txn.length, inputs, positions)  # None: no graph could be captured
         if out is None:
             view = self.kv.view(txn, n)
             embeds = self.model.embed_ids(inputs) if kind == "ids" else inputs
@@ -92,7 +92,7 @@ class Stream:
                 mask = self.causal(txn.length, n, embeds.dtype)
             out = self.model.forward_segment(view, embeds, positions, mask, logits=logits)
         txn.wrote(n, next_position=max(txn.state.next_position, next_start(positions)))
-        return out
+        return out if logits != "none" else None
 
     def causal(self, past: int, n: int, dtype, start: Optional[torch.Tensor] = None):
         """The mask of n tokens after ``past`` cached ones, in the form this stream's kernels take.
@@ -105,6 +105,15 @@ class Stream:
         if self.live_kernel:
             start = start if start is not None else torch.tensor(past, dtype=torch.long, device=self.model.device)
         return StreamMask(past, None, cfg.fold_max_rows, cfg.rows_max_scores, start)
+
+    def tree(self, past: int, lengths: list[int]):
+        """The mask of choice branches of ``lengths`` tokens packed after ``past`` cached ones."""
+        cfg, device = self.config, self.model.device
+        if self.live_kernel:
+            start = torch.tensor(past, dtype=torch.long, device=device)
+            return StreamMask(past, None, cfg.fold_max_rows, cfg.rows_max_scores, start, branch_starts(lengths, device))
+        dense = tree_mask(past, lengths, self.model.dtype, device)  # (1, 1, L, past+L)
+        return StreamMask(past, dense, cfg.fold_max_rows, cfg.rows_max_scores) if self.fast else dense
 
     def feed_ids(self, txn: Transaction, ids: list[int], logits: str = "none") -> Optional[torch.Tensor]:
         """Append text token ids at the next free positions."""

@@ -8,6 +8,7 @@ never needs a re-capture as it grows.
 
 - grouped-query heads are folded into rows: the g query heads of one K/V head share every K/V
   load (K/V read once per split, never copied);
+- a tree of choice branches (``ask_choice``) is a per-row lower bound on the new keys it sees;
 - split-K ("flash-decoding"): the keys are cut into ``splits`` ranges handled by separate
   programs, so one query row still fills the GPU; a second kernel merges the partial results
   by their log-sum-exp;
@@ -41,11 +42,11 @@ def available(device: torch.device) -> bool:
 if triton is not None:
 
     @triton.jit
-    def _split_kernel(Q, K, V, Start, Acc, Lse,
+    def _split_kernel(Q, K, V, Start, Branch, Acc, Lse,
                       sqh, sqt, sqd, skh, skt, skd, svh, svt, svd,
                       n, G, M, scale,
                       SPLITS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr,
-                      FP32: tl.constexpr):
+                      FP32: tl.constexpr, TREE: tl.constexpr):
         mb, h, s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         start = tl.load(Start).to(tl.int32)
         kv_len = start + n
@@ -55,6 +56,8 @@ if triton is not None:
         t = rows % n
         d = tl.arange(0, D)
         q = tl.load(Q + qh[:, None] * sqh + t[:, None] * sqt + d[None, :] * sqd, mask=row_ok[:, None], other=0.0)
+        if TREE:  # row t also skips the new tokens before its branch: keys [start, start + branch[t])
+            first = start + tl.load(Branch + t, mask=row_ok, other=0)
         per = tl.cdiv(tl.cdiv(kv_len, BN), SPLITS) * BN
         lo = s * per
         hi = tl.minimum(lo + per, kv_len)
@@ -71,6 +74,8 @@ if triton is not None:
                 sc = tl.dot(q, tl.trans(k))
             sc = sc * scale
             visible = key_ok[None, :] & (j[None, :] <= start + t[:, None])
+            if TREE:
+                visible = visible & ((j[None, :] < start) | (j[None, :] >= first[:, None]))
             sc = tl.where(visible, sc, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(sc, 1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -126,11 +131,13 @@ def _block_m(rows: int) -> int:
 
 
 def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, start: torch.Tensor, scale: float,
-              splits: Optional[int] = None) -> torch.Tensor:
+              splits: Optional[int] = None, branches: Optional[torch.Tensor] = None) -> torch.Tensor:
     """query (1, Hq, n, D) at positions [start, start+n); key/value (1, Hkv, >= start+n, D) buffers.
 
-    ``start``: a 0-d integer tensor on the query's device. Returns (1, n, Hq, D): what transformers'
-    attention functions return. Only keys [0, start+n) are read.
+    ``start``: a 0-d integer tensor on the query's device. ``branches``: None (causal), or an (n,)
+    int32 tensor giving, per new token, the offset where its branch starts (a tree of choices:
+    token t sees the cache and new tokens branches[t]..t). Returns (1, n, Hq, D): what
+    transformers' attention functions return. Only keys [0, start+n) are read.
     """
     _, hq, n, d = query.shape
     hkv = key.shape[1]
@@ -144,8 +151,8 @@ def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, start
     q, k, v = query[0], key[0], value[0]
     fp32 = query.dtype == torch.float32
     _split_kernel[(triton.cdiv(m, bm), hkv, splits)](
-        q, k, v, start, acc, lse, *q.stride(), *k.stride(), *v.stride(), n, g, m, scale,
-        SPLITS=splits, BM=bm, BN=BLOCK_N, D=d, FP32=fp32)
+        q, k, v, start, branches if branches is not None else start, acc, lse, *q.stride(), *k.stride(), *v.stride(),
+        n, g, m, scale, SPLITS=splits, BM=bm, BN=BLOCK_N, D=d, FP32=fp32, TREE=branches is not None)
     _merge_kernel[(triton.cdiv(m, bm), hkv)](acc, lse, out, out.stride(1), out.stride(2), out.stride(3), n, g, m, hkv,
                                              SPLITS=splits, BM=bm, D=d)
     return out

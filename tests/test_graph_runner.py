@@ -35,7 +35,7 @@ def test_static_path_equals_offline_across_pauses(tiny):
                               engine.stop_ids)
         assert a.token_ids == b.token_ids == ref.token_ids
         assert (a.first_logits - ref.first_logits).abs().max() <= 1e-4
-    assert engine._stream.runner.captures == 4  # question bucket, decode bucket, chunks of 1 and 2 temporal patches
+    assert engine._stream.runner.captures == 5  # text buckets (turn header, question, decode), chunks of 1 and 2 grids
     vision_hook = compat.vision_static_kwargs(model, torch.tensor([[1, 6, 8]])) is not None
     assert engine.stats()["vision_graphs"] == ("on (2 captures)" if vision_hook else
                                                "off (capture failed: this transformers version cannot take a precomputed vision window layout)")
