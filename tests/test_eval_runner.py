@@ -319,7 +319,7 @@ def _decoded_frames(path: Path, until: float) -> list:
 def test_cli_runs_a_benchmark_and_names_a_missing_model(bench, tmp_path, monkeypatch, capsys):
     monkeypatch.delenv("QWEN_MODEL_PATH", raising=False)
     torch.manual_seed(0)
-    args = ["--benchmark", "streamingbench", "--annotations", str(bench / "sb.json"),
+    args = ["--benchmark", "streamingbench", "--annotations", str(bench / "sb.json"), "--device", "cpu",
             "--video-root", str(bench / "videos_root"), "--out", str(tmp_path / "cli"), "--no-progress"]
     assert cli_main(args + ["--model", str(tmp_path / "no-such-model")]) == 2
     assert "no-such-model" in capsys.readouterr().err

@@ -32,6 +32,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--video-root", required=True, help="folder the annotations' video paths are relative to")
     p.add_argument("--model", default=None, help="Qwen2.5-VL checkpoint folder (default: $QWEN_MODEL_PATH; "
                                                   "neither: random weights, for timing only)")
+    p.add_argument("--device", choices=("cuda", "cpu"), default=None, help="default: cuda when there is a GPU")
     p.add_argument("--dtype", choices=list(DTYPES), default=None, help="default: bfloat16 on GPU, float32 on CPU")
     p.add_argument("--fps", type=float, default=2.0, help="frames per second sampled from each video")
     p.add_argument("--modes", default="stream,window",
@@ -48,12 +49,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def load_engine(model_path, dtype_name):
+def load_engine(model_path, dtype_name, device=None):
     """(engine, description): --model, else $QWEN_MODEL_PATH, else random weights (said loudly)."""
     from .. import VideoStreamInference
 
     path = model_path or os.environ.get("QWEN_MODEL_PATH")
-    cuda = torch.cuda.is_available()
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda, but torch sees no GPU")
+    cuda = torch.cuda.is_available() if device is None else device == "cuda"
     dtype = DTYPES[dtype_name] if dtype_name else (torch.bfloat16 if cuda else torch.float32)
     if dtype == torch.float32:
         set_exact_fp32()  # no TF32: the setting in which streamed and offline answers must agree
@@ -62,7 +65,8 @@ def load_engine(model_path, dtype_name):
         if not os.path.isdir(path):
             raise ValueError(f"model folder not found: {path!r} (from {source}); "
                              "pass a local Qwen2.5-VL checkpoint folder")
-        return VideoStreamInference.from_pretrained(path, dtype=dtype), f"checkpoint {path}"
+        engine = VideoStreamInference.from_pretrained(path, device="cuda" if cuda else "cpu", dtype=dtype)
+        return engine, f"checkpoint {path}"
     from ..testing import QWEN25_VL_3B_CONFIG, build_3b_processor, build_random_model, build_tiny_model
 
     what = "Qwen2.5-VL-3B architecture" if cuda else "tiny model (CPU)"
@@ -84,7 +88,7 @@ def main(argv=None) -> int:
         if not os.path.isdir(args.video_root):
             raise ValueError(f"video root not found: {args.video_root!r}")
         annotations = read_annotations(args.benchmark, args.annotations, limit=args.limit)
-        engine, description = load_engine(args.model, args.dtype)
+        engine, description = load_engine(args.model, args.dtype, args.device)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
