@@ -11,11 +11,13 @@ own cache buffers:
   preallocated cache: K/V are written at device indices (a static ``CacheView``) and a
   (1, 1, b, capacity) mask hides everything past each row's position. Pad rows write K/V past
   the working length, which later segments overwrite. Graphs are re-captured when the cache's
-  buffers are replaced (growth; ``StreamConfig.initial_capacity`` avoids it).
+  buffers are replaced (growth; ``reserve``/``warmup`` or ``StreamConfig.initial_capacity`` avoid it).
+  Only the last real row's logits leave the graph.
 - vision tower: one graph per grid shape, with the window layout precomputed
   (``compat.vision_static_kwargs``) so nothing syncs with the host inside.
 A capture that fails turns that kind of graph off (``disabled`` says why); the caller then
-runs eagerly. Captures hold a process-wide lock (capture mode is global to the device).
+runs eagerly. Captures hold a process-wide lock, and all graphs on a device share one memory
+pool (``_shared_pool``), so N streams cost N caches, not N sets of activations.
 """
 from __future__ import annotations
 
@@ -31,6 +33,20 @@ from .kv_cache_manager import CacheView, KVCacheManager, StreamKVCache
 from .masks import StreamMask, static_causal_mask
 
 _CAPTURE_LOCK = threading.Lock()  # one capture at a time in the process (not a setting)
+_POOLS: dict = {}  # device -> the memory pool every graph on it shares (not a setting)
+
+
+def _shared_pool(device: torch.device):
+    """One private memory pool per device for the graphs of every stream.
+
+    Sharing is safe because replays never overlap (they run in order on the device's stream,
+    each stream's under its lock) and every tensor a graph reads or returns outside its replay
+    (static inputs and outputs) stays alive with the graph, so no other capture takes its memory.
+    Without sharing, each stream would hold its own pool of activations (~0.3 GiB for the 3B).
+    """
+    if device not in _POOLS:
+        _POOLS[device] = torch.cuda.graph_pool_handle()
+    return _POOLS[device]
 
 
 class _EagerReplay:
@@ -51,6 +67,7 @@ class _Graph:
     out: torch.Tensor  # logits (1, b, V), a dummy, or vision embeddings
     positions: Optional[torch.Tensor] = None  # (3, 1, b) M-RoPE positions
     start: Optional[torch.Tensor] = None  # () where the segment's first token goes
+    last: Optional[torch.Tensor] = None  # (1,) the row whose logits are returned (the segment's last token)
     keep: tuple = field(default=())  # every other tensor the graph reads: it must outlive the graph
 
 
@@ -59,7 +76,6 @@ class _Recorder:
 
     def __init__(self, capture: bool):
         self.capture = capture
-        self.pool = None
         self.captures = 0
         self.disabled: Optional[str] = None
 
@@ -76,9 +92,9 @@ class _Recorder:
                     step()
             torch.cuda.current_stream().wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
+            with torch.cuda.graph(graph, pool=_shared_pool(torch.device("cuda", torch.cuda.current_device())),
+                                  capture_error_mode="thread_local"):
                 out = step()
-        self.pool = graph.pool()
         return graph, out
 
     def fail(self, e: Exception) -> None:
@@ -128,13 +144,13 @@ class GraphRunner(_Recorder):
         g.positions[:, 0, :n].copy_(positions, non_blocking=True)
         g.positions[:, 0, n:] = g.positions[:, 0, n - 1:n]
         g.start.fill_(start)
+        g.last.fill_(n - 1)
         g.graph.replay()
-        return g.out[:, n - 1:n].clone() if kind == "ids" else g.out[:, :0]
+        return g.out.clone() if kind == "ids" else g.out[:, :0]
 
     def _graph(self, kind: str, b: int, start: int) -> Optional[_Graph]:
         if self.buffers is not self.cache.buffers:  # new buffers (growth): every graph points at the old ones
             self.graphs = {}
-            self.pool = None  # a pool dies with its graphs; capturing into it again trips the allocator
             self.buffers = self.cache.buffers
         key = (kind, b)
         if key not in self.graphs:
@@ -154,6 +170,7 @@ class GraphRunner(_Recorder):
             inputs = torch.zeros(1, b, compat.text_config(model.config).hidden_size, dtype=model.dtype, device=device)
         positions = torch.zeros(3, 1, b, dtype=torch.long, device=device)
         start = torch.tensor(at, dtype=torch.long, device=device)
+        last = torch.zeros(1, dtype=torch.long, device=device)
         rows = torch.arange(b, device=device)
         cols = torch.arange(self.cache.capacity, device=device)
         zero = torch.zeros((), dtype=model.dtype, device=device)
@@ -167,10 +184,10 @@ class GraphRunner(_Recorder):
                 mask = StreamMask(0, static_causal_mask(index, cols, zero), cfg.fold_max_rows, cfg.rows_max_scores)
             embeds = model.get_input_embeddings()(inputs)[None] if kind == "ids" else inputs
             hidden = model.run_language_model(CacheView(buffers, 0, index), embeds, positions, mask)
-            return model.lm_head(hidden).float() if kind == "ids" else hidden[:, :1, :1]
+            return model.lm_head(hidden.index_select(1, last)).float() if kind == "ids" else hidden[:, :1, :1]
 
         graph, out = self.record(step)
-        return _Graph(graph, inputs, out, positions, start, keep=(rows, cols, zero, buffers))
+        return _Graph(graph, inputs, out, positions, start, last, keep=(rows, cols, zero, buffers))
 
 
 class VisionGraphs(_Recorder):

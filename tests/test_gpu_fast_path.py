@@ -45,3 +45,24 @@ def test_graphs_and_fast_attention_equal_offline(cuda_tiny, size):
     plain.append_frames(frames, fps=4)
     plain_scores = plain.ask_choice("Which?", choices).scores
     assert torch.allclose(torch.tensor(fast_scores), torch.tensor(plain_scores), atol=1e-3, rtol=0)
+
+
+def test_graphs_of_several_streams_share_a_pool_and_survive_growth(cuda_tiny):
+    """Two streams capture into the shared pool, one grows (re-capture) mid-stream: both stay exact."""
+    model, proc = cuda_tiny
+    frames = synthetic_frames(52, 150, 200)
+    a, b = VideoStreamInference(model, proc), VideoStreamInference(model, proc)
+    a.append_frames(frames[:4], fps=30)
+    b.append_frames(frames[:4], fps=30)
+    for e in (a, b):
+        e.ask("Warm?", max_new_tokens=2)
+    a.append_frames(frames[4:], fps=30)  # ~935 tokens: the next answer grows a's cache past 1024
+    a.stop_ids = set()
+    long = a.ask("Go on.", max_new_tokens=100)
+    assert a.kv.cache.allocations >= 2, a.kv.cache.allocations
+    ans_b = b.ask("Still?", max_new_tokens=4)
+    ref_a = native_generate(model, build_inputs(model, proc, chat_segments(proc, "Go on.", frames, 30)), 100, set())
+    ref_b = native_generate(model, build_inputs(model, proc, chat_segments(proc, "Still?", frames[:4], 30)), 4,
+                            b.stop_ids)
+    assert long.token_ids == ref_a.token_ids and ans_b.token_ids == ref_b.token_ids
+    assert (ans_b.first_logits - ref_b.first_logits).abs().max() <= 1e-4
