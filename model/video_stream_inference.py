@@ -27,7 +27,8 @@ import torch
 from . import compat
 from .arguments import check_bool, check_choices, check_fps, check_max_new_tokens, check_question
 from .config import StreamConfig, resolve_config
-from .decoding import Answer, ChoiceResult, decode, make_sampler
+from .answer_stream import AnswerStream, finish_answer, start_answer, streamer_feed
+from .decoding import Answer, ChoiceResult, make_sampler
 from .frames import pad_to_temporal_patch, resize_frames, target_size, to_frame_list
 from .prompt import encode_user_text, extract_vision_segment, prompt_pieces
 from .scoring import TREE_ATTENTION, score_choices
@@ -80,6 +81,7 @@ class VideoStreamInference:
         self._stream = Stream(model, self.tokenizer, self.pieces, self.video_pixels, self.config)
         self._lock = threading.RLock()
         self._warned_fps = False
+        self._open_stream = False  # an ask_stream() answer holds the lock between its pieces
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, device: Optional[str] = None, dtype=None,
@@ -122,20 +124,30 @@ class VideoStreamInference:
             raise ValueError(f"append_image takes one image, got {len(raw)}; use append_frames for video")
         return self._transaction(self._append_image, raw, t0)
 
-    def ask(self, question: str, update_state: bool = False, max_new_tokens: int = 128, **generation) -> Answer:
+    def ask(self, question: str, update_state: bool = False, max_new_tokens: int = 128, streamer=None,
+            **generation) -> Answer:
         """Answer from everything streamed so far; returns an ``Answer`` (text, token ids, ttft_s, ...).
 
         update_state=False: the stream is left bit-identical. True: question and answer become a
         conversation turn, and frames appended later open a new turn. Greedy unless
         ``do_sample=True`` (options: temperature, top_k, top_p, min_p, repetition_penalty, seed).
-        Special-token text in the question (``<|im_end|>``...) is read as literal text.
+        ``streamer``: a transformers streamer (``TextStreamer``, ``TextIteratorStreamer``) fed as
+        ``generate(streamer=...)`` feeds it. Special-token text in the question is read as literal text.
         """
         t0 = time.perf_counter()
-        check_question(question)
-        check_bool("update_state", update_state)
-        check_max_new_tokens(max_new_tokens, self.max_positions)
-        sampler = make_sampler(self.model.device, **generation)
-        return self._transaction(self._ask, question, update_state, max_new_tokens, sampler, t0)
+        sampler = self._check_ask(question, update_state, max_new_tokens, generation)
+        return self._transaction(self._ask, question, update_state, max_new_tokens, sampler, streamer, t0)
+
+    def ask_stream(self, question: str, update_state: bool = False, max_new_tokens: int = 128, streamer=None,
+                   **generation) -> AnswerStream:
+        """Like ``ask``, but an iterator of text pieces as they are decoded (``AnswerStream``).
+
+        Its ``answer`` is the full ``Answer`` once exhausted. Breaking out early (or ``close()``)
+        leaves the stream bit-identical; other threads' calls wait while it is open.
+        """
+        t0 = time.perf_counter()
+        sampler = self._check_ask(question, update_state, max_new_tokens, generation)
+        return AnswerStream(self, question, update_state, max_new_tokens, sampler, streamer, t0)
 
     def ask_choice(self, question: str, choices: Sequence[str]) -> ChoiceResult:
         """Score each choice by log p(choice | video, question); isolated like ``ask``.
@@ -230,8 +242,12 @@ class VideoStreamInference:
     # ------------------------------------------------------------------ transactions
     def _acquire(self) -> None:
         """Take the stream's lock. Public calls never nest, so a lock this thread already holds was
-        leaked by a call interrupted between two of its last lines: release it first."""
+        leaked by a call interrupted between two of its last lines (release it first), or belongs to
+        an open ``ask_stream`` answer on this thread (an error: it would deadlock)."""
         while self._lock._is_owned():
+            if self._open_stream:
+                raise RuntimeError("an ask_stream() answer is still open on this thread: iterate it to the end or "
+                                   "close() it before calling the engine again")
             self._lock.release()
         self._lock.acquire()
 
@@ -291,19 +307,18 @@ class VideoStreamInference:
         return txn, ChunkInfo(txn.state.chunks - 1, 1, 1, False, txn.length - before, txn.length,
                               time.perf_counter() - t0)
 
-    @torch.no_grad()
-    def _ask(self, question: str, update_state: bool, max_new_tokens: int, sampler, t0: float):
-        txn = self.kv.begin()
-        first = self._stream.open_question(txn, question)  # (1, V)
-        check_max_new_tokens(max_new_tokens, self.max_positions - txn.state.next_position)
-        tokens, fed, ttft, reason = decode(first, lambda tok: self._stream.feed_ids(txn, [tok], logits="last")[:, -1],
-                                           sampler, self.stop_ids, max_new_tokens, self._sync, t0)
-        if update_state:
-            self._stream.commit_answer(txn, tokens[fed:])
-        self._sync()
-        answer = Answer(self.tokenizer.decode(tokens, skip_special_tokens=True), tokens, ttft,
-                        time.perf_counter() - t0, reason, first[0])
-        return (txn if update_state else None), answer
+    def _check_ask(self, question, update_state, max_new_tokens, generation: dict):
+        check_question(question)
+        check_bool("update_state", update_state)
+        check_max_new_tokens(max_new_tokens, self.max_positions)
+        return make_sampler(self.model.device, **generation)
+
+    def _ask(self, question: str, update_state: bool, max_new_tokens: int, sampler, streamer, t0: float):
+        txn, decoding = start_answer(self, question, max_new_tokens, sampler, t0)
+        with streamer_feed(streamer, self.tokenizer) as put:
+            for tok in decoding:
+                put(tok)
+        return (txn if update_state else None), finish_answer(self, txn, decoding, update_state, t0)
 
     @torch.no_grad()
     def _score(self, question: str, choice_ids: list[list[int]]):
