@@ -29,7 +29,7 @@ class StreamConfig:
     rows_max_scores: int = 96 * 2**20  # ... and score elements per K/V head the matmul path may materialise
     initial_capacity: int = 0  # tokens of K/V reserved when the first segment arrives (0: grow on demand)
     grow_min: int = 1024  # tokens added at least when the cache grows (it grows x1.5 otherwise)
-    choice_chunk_tokens: int = 256  # ask_choice: choice tokens per forward and per log-softmax chunk
+    choice_chunk_tokens: int = 128  # ask_choice: choice tokens per forward and per log-softmax chunk
     default_fps: float = 2.0  # fps of a video block whose first append gives none (a warning says so)
     attention_kernel: str = "auto"  # "auto": the live-length Triton kernel on CUDA when Triton imports; "triton"; "torch"
 

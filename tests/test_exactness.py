@@ -110,3 +110,17 @@ def test_sequential_choice_scoring_equals_tree_batched(tiny, monkeypatch):
     monkeypatch.setattr("model.scoring.TREE_ATTENTION", ())
     seq = choice_scores(model, proc, [3, 3], frames, 4, choices)
     assert torch.allclose(torch.tensor(tree.scores), torch.tensor(seq.scores), atol=TOL, rtol=0)
+
+
+def test_choice_scores_do_not_depend_on_the_scoring_chunk(tiny):
+    """Choices split into several tree forwards, and choices longer than a chunk fed causally in pieces,
+    score as one tree forward does."""
+    model, proc = tiny
+    frames = synthetic_frames(6, 90, 120)
+    choices = ["circle", "a much longer choice than the chunk", "x", "two words", "y z"]
+    scores = []
+    for chunk in (128, 5, 1):
+        engine = VideoStreamInference(model, proc, config=StreamConfig(choice_chunk_tokens=chunk))
+        engine.append_frames(frames, fps=2)
+        scores.append(torch.tensor(engine.ask_choice(QUESTION, choices).scores))
+    assert torch.allclose(scores[0], scores[1], atol=TOL, rtol=0) and torch.allclose(scores[0], scores[2], atol=TOL, rtol=0)
