@@ -8,6 +8,7 @@ eagerly is decided in one place, ``_forward``. Nothing here commits: the engine 
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -16,7 +17,7 @@ import torch
 from .config import StreamConfig
 from .cuda_graphs import GraphRunner, VisionGraphs
 from .fast_attention import backends, live_length_kernel, vision_varlen_supported
-from .frames import pad_to_temporal_patch, patchify
+from .frames import pad_to_temporal_patch, patchify, resize_frames, target_size
 from .kv_cache_manager import KVCacheManager, Transaction
 from .masks import StreamMask, branch_starts, causal_mask, tree_mask
 from .positions import next_start, text_positions, vision_positions
@@ -50,9 +51,9 @@ class StreamState:
 class Stream:
     """The cache, graphs and segment operations of one stream over a shared ``StreamQwenModel``."""
 
-    def __init__(self, model, tokenizer, pieces, video_pixels, config: StreamConfig):
+    def __init__(self, model, tokenizer, pieces, video_pixels, image_pixels, config: StreamConfig):
         self.model, self.tokenizer, self.pieces, self.config = model, tokenizer, pieces, config
-        self.video_pixels = video_pixels
+        self.video_pixels, self.image_pixels = video_pixels, image_pixels
         self.kv = KVCacheManager(*model.kv_shape(), dtype=model.dtype, device=model.device,
                                  initial_state=StreamState(), grow_min=config.grow_min,
                                  initial_capacity=config.initial_capacity)
@@ -157,6 +158,46 @@ class Stream:
         txn.update(pending_frame=frames[n_full] if n_full < frames.shape[0] else None)
         return n_full
 
+    # -- what the engine appends ------------------------------------------------------
+    def append_video(self, txn: Transaction, raw: list, fps: float) -> int:
+        """Validated frames (any size) into the open video block, opening a turn and a block as needed.
+
+        A new block is sized by its first frame; later frames are resized to it. Returns frames encoded.
+        """
+        st = txn.state
+        spgt = self.video_pixels.temporal_patch_size / fps
+        if st.block_start is not None and not math.isclose(spgt, st.second_per_grid_t, rel_tol=0, abs_tol=1e-12):
+            raise ValueError(f"fps changed from {st.fps} to {fps} inside one video; call reset() or "
+                             "ask(..., update_state=True) first")
+        size = st.frame_size or target_size(raw[0].shape[1], raw[0].shape[2], self.video_pixels)
+        frames = resize_frames(raw, size, device=self.model.device)  # (n, 3, H, W)
+        self.ensure_turn(txn)
+        if st.block_start is None:
+            self.open_block(txn, spgt)
+        n_encoded = self.add_video_frames(txn, frames)
+        txn.update(frame_size=size, fps=fps, chunks=st.chunks + 1, frames_seen=st.frames_seen + len(raw),
+                   video_seconds=st.video_seconds + len(raw) / fps)
+        return n_encoded
+
+    def append_image(self, txn: Transaction, raw: list) -> None:
+        """One still image as its own image block (closing an open video block first)."""
+        size = target_size(raw[0].shape[1], raw[0].shape[2], self.image_pixels)
+        frames = pad_to_temporal_patch(resize_frames(raw, size, device=self.model.device),
+                                       self.image_pixels.temporal_patch_size)
+        self.ensure_turn(txn)
+        self.open_block(txn, 0.0)
+        self.feed_frames(txn, frames, self.image_pixels)
+        self.close_block(txn)
+        txn.update(chunks=txn.state.chunks + 1)
+
+    def warm(self, txn: Transaction, raw: list, fps: float) -> None:
+        """Run every segment shape a stream of these frames uses once (graphs captured), on ``txn``."""
+        self.append_video(txn, raw, fps)  # the chunk's vision and LM graphs
+        self.append_video(txn, raw[:1], fps)  # a held frame ...
+        self.close_block(txn)  # ... flushed padded: the one-grid graphs
+        for b in self.config.graph_buckets:  # questions and decode steps of every bucket
+            self.feed_ids(txn.fork(), [0] * b, logits="last")
+
     # -- blocks and turns --------------------------------------------------------------
     def ensure_turn(self, txn: Transaction) -> None:
         if not txn.state.turn_open:
@@ -197,9 +238,18 @@ class Stream:
         self.feed_ids(txn, list(unfed_ids) + encode(self.tokenizer, self.pieces.answer_tail))
         txn.update(turn_open=False, turns=txn.state.turns + 1)
 
-    def stats(self) -> dict:
-        return {**backends(self.model.config, self.fast, self.live_kernel),
-                "cuda_graphs": self.runner.status() if self.runner is not None else "off",
-                "vision_graphs": self.vision_graphs.status() if self.vision_graphs is not None else "off",
-                "cache_allocations": self.kv.cache.allocations}
+    def stats(self, st: StreamState) -> dict:
+        """Numbers of the committed state ``st`` (one immutable record: consistent without a lock) and backends."""
+        return {
+            "cache_tokens": st.last_cache_position, "cache_bytes": self.kv.cache.nbytes(st.last_cache_position),
+            "cache_reserved_bytes": self.kv.reserved_bytes(), "frames_seen": st.frames_seen,
+            "pending_frames": int(st.pending_frame is not None), "video_seconds": st.video_seconds,
+            "chunks": st.chunks, "turns": st.turns, "next_position": st.next_position,
+            "rope_deltas": st.rope_deltas, "frame_size": st.frame_size, "fps": st.fps,
+            "device": str(self.model.device), "dtype": str(self.model.dtype).replace("torch.", ""),
+            **backends(self.model.config, self.fast, self.live_kernel), "fast": self.config.fast,
+            "cache": "preallocated+length-counter", "cache_allocations": self.kv.cache.allocations,
+            "cuda_graphs": self.runner.status() if self.runner is not None else "off",
+            "vision_graphs": self.vision_graphs.status() if self.vision_graphs is not None else "off",
+        }
 

@@ -14,7 +14,6 @@ serialised by its lock, so an appending thread and an asking thread see some seq
 from __future__ import annotations
 
 import gc
-import math
 import os
 import threading
 import time
@@ -29,7 +28,7 @@ from .arguments import check_bool, check_choices, check_fps, check_max_new_token
 from .config import StreamConfig, resolve_config
 from .answer_stream import AnswerStream, finish_answer, start_answer, streamer_feed
 from .decoding import Answer, ChoiceResult, make_sampler
-from .frames import pad_to_temporal_patch, resize_frames, target_size, to_frame_list
+from .frames import to_frame_list
 from .prompt import encode_user_text, extract_vision_segment, prompt_pieces
 from .scoring import TREE_ATTENTION, score_choices
 from .stream import Stream, StreamState
@@ -78,7 +77,7 @@ class VideoStreamInference:
         eos = model.generation_config.eos_token_id if model.generation_config is not None else None
         self.stop_ids = set(ids) | set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         self.max_positions = compat.text_config(model.config).max_position_embeddings
-        self._stream = Stream(model, self.tokenizer, self.pieces, self.video_pixels, self.config)
+        self._stream = Stream(model, self.tokenizer, self.pieces, self.video_pixels, self.image_pixels, self.config)
         self._lock = threading.RLock()
         self._warned_fps = False
         self._open_stream = False  # an ask_stream() answer holds the lock between its pieces
@@ -204,19 +203,9 @@ class VideoStreamInference:
 
     def stats(self) -> dict:
         """The stream's numbers and the backends it runs on (cache, frames, positions, attention, graphs)."""
-        st = self.stream_state  # one immutable record: consistent without the lock
-        return {
-            "cache_tokens": st.last_cache_position, "cache_bytes": self.kv.cache.nbytes(st.last_cache_position),
-            "cache_reserved_bytes": self.kv.reserved_bytes(), "frames_seen": st.frames_seen,
-            "pending_frames": int(st.pending_frame is not None), "video_seconds": st.video_seconds,
-            "chunks": st.chunks, "turns": st.turns, "next_position": st.next_position,
-            "rope_deltas": st.rope_deltas, "frame_size": st.frame_size, "fps": st.fps,
-            "device": str(self.model.device), "dtype": str(self.model.dtype).replace("torch.", ""),
-            "attn_implementation": self.attn_implementation, **self._stream.stats(),
-            "cache": "preallocated+length-counter", "fast": self.config.fast,
-            "choice_scoring": "tree-batched" if self.attn_implementation in TREE_ATTENTION else "sequential",
-            "transformers": str(compat.TRANSFORMERS_VERSION),
-        }
+        return {**self._stream.stats(self.stream_state), "attn_implementation": self.attn_implementation,
+                "choice_scoring": "tree-batched" if self.attn_implementation in TREE_ATTENTION else "sequential",
+                "transformers": str(compat.TRANSFORMERS_VERSION)}
 
     @property
     def stream_state(self) -> StreamState:
@@ -271,40 +260,19 @@ class VideoStreamInference:
     def _append_frames(self, raw: list, fps, t0: float):
         txn = self.kv.begin()
         st = txn.state
-        if fps is None:
-            fps = st.fps if st.fps is not None else self._default_fps()
-        fps = check_fps(fps)
-        spgt = self.video_pixels.temporal_patch_size / fps
-        if st.block_start is not None and not math.isclose(spgt, st.second_per_grid_t, rel_tol=0, abs_tol=1e-12):
-            raise ValueError(f"fps changed from {st.fps} to {fps} inside one video; call reset() or "
-                             "ask(..., update_state=True) first")
-        size = st.frame_size or target_size(raw[0].shape[1], raw[0].shape[2], self.video_pixels)
-        frames = resize_frames(raw, size, device=self.model.device)  # (n, 3, H, W)
-        self._stream.ensure_turn(txn)
-        if st.block_start is None:
-            self._stream.open_block(txn, spgt)
-        n_encoded = self._stream.add_video_frames(txn, frames)
-        txn.update(frame_size=size, fps=fps, chunks=st.chunks + 1, frames_seen=st.frames_seen + len(raw),
-                   video_seconds=st.video_seconds + len(raw) / fps)
-        pending = txn.state.pending_frame is not None
+        fps = check_fps(fps if fps is not None else st.fps if st.fps is not None else self._default_fps())
+        n_encoded = self._stream.append_video(txn, raw, fps)
         self._sync()  # encode_s is the time until the chunk is in the cache, not until its kernels are queued
-        return txn, ChunkInfo(st.chunks, len(raw), n_encoded, pending, txn.length - st.last_cache_position,
-                              txn.length, time.perf_counter() - t0)
+        return txn, ChunkInfo(st.chunks, len(raw), n_encoded, txn.state.pending_frame is not None,
+                              txn.length - st.last_cache_position, txn.length, time.perf_counter() - t0)
 
     @torch.no_grad()
     def _append_image(self, raw: list, t0: float):
-        size = target_size(raw[0].shape[1], raw[0].shape[2], self.image_pixels)
-        frames = pad_to_temporal_patch(resize_frames(raw, size, device=self.model.device),
-                                       self.image_pixels.temporal_patch_size)
         txn = self.kv.begin()
-        before = txn.length
-        self._stream.ensure_turn(txn)
-        self._stream.open_block(txn, 0.0)
-        self._stream.feed_frames(txn, frames, self.image_pixels)
-        self._stream.close_block(txn)
-        txn.update(chunks=txn.state.chunks + 1)
+        st = txn.state
+        self._stream.append_image(txn, raw)
         self._sync()
-        return txn, ChunkInfo(txn.state.chunks - 1, 1, 1, False, txn.length - before, txn.length,
+        return txn, ChunkInfo(st.chunks, 1, 1, False, txn.length - st.last_cache_position, txn.length,
                               time.perf_counter() - t0)
 
     def _check_ask(self, question, update_state, max_new_tokens, generation: dict):
@@ -332,19 +300,9 @@ class VideoStreamInference:
 
     @torch.no_grad()
     def _warmup(self, raw: list, fps: float, t0: float):
-        txn = self.kv.begin()  # never committed
-        self._stream.ensure_turn(txn)
-        if txn.state.block_start is None:
-            self._stream.open_block(txn, self.video_pixels.temporal_patch_size / fps)
-        size = txn.state.frame_size or target_size(raw[0].shape[1], raw[0].shape[2], self.video_pixels)
-        frames = resize_frames(raw, size, device=self.model.device)
-        self._stream.add_video_frames(txn, frames)  # the chunk's vision and LM graphs
-        self._stream.add_video_frames(txn, frames[:1])  # held, then flushed padded: the one-grid graphs
-        self._stream.close_block(txn)
-        for b in self.config.graph_buckets:  # questions and decode steps of every bucket
-            self._stream.feed_ids(txn.fork(), [0] * b, logits="last")
+        self._stream.warm(self.kv.begin(), raw, fps)  # the transaction is dropped: the stream is untouched
         self._sync()
-        return None, {"seconds": time.perf_counter() - t0, **self._stream.stats()}
+        return None, {"seconds": time.perf_counter() - t0, **self._stream.stats(self.stream_state)}
 
     def _default_fps(self) -> float:
         if not self._warned_fps:
