@@ -1,0 +1,88 @@
+"""The live-length Triton kernel, run by Triton's interpreter on CPU (no GPU needed).
+
+It must compute attention of n new rows at [start, start+n) over a longer buffer exactly like
+SDPA over the live keys (bottom-right causal, grouped-query heads), for any split count, with
+tree masks for choice branches, and an engine using it (eager and through the static graph
+path) must equal the offline path. fp32 only: the interpreter has no bfloat16 dot (the GPU
+benchmark checks bf16 against SDPA, ``benchmarks/bench_attention.py``).
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytest.importorskip("triton", reason="Triton is not installed (CI installs it; GPU users have it with torch)")
+
+SCRIPT = r"""
+import torch, torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
+from model import triton_attention as ta
+from model.masks import branch_starts, tree_mask
+torch.manual_seed(0)
+
+def reference(q, k, v, start, scale, mask=None):
+    _, hq, n, d = q.shape
+    g = hq // k.shape[1]
+    kk, vv = (t[:, :, :start + n].repeat_interleave(g, 1) for t in (k, v))
+    m = mask if mask is not None else causal_lower_right(n, start + n)
+    return F.scaled_dot_product_attention(q, kk, vv, attn_mask=m, scale=scale).transpose(1, 2)
+
+worst = 0.0
+for n, start, cap, splits in [(1, 0, 64, 1), (1, 100, 300, 3), (5, 37, 200, 2), (20, 130, 160, 4), (40, 0, 64, 1), (3, 70, 80, 7)]:
+    q = torch.randn(1, n, 4, 16).transpose(1, 2)  # strided, as transformers hands it
+    k, v = torch.randn(1, 2, cap, 16), torch.randn(1, 2, cap, 16)
+    out = ta.attention(q, k, v, torch.tensor(start), 0.25, splits=splits)
+    worst = max(worst, float((out - reference(q, k, v, start, 0.25)).abs().max()))
+lengths = [3, 1, 4]
+q = torch.randn(1, 8, 4, 16).transpose(1, 2)
+k, v = torch.randn(1, 2, 90, 16), torch.randn(1, 2, 90, 16)
+out = ta.attention(q, k, v, torch.tensor(50), 0.25, splits=3, branches=branch_starts(lengths, "cpu"))
+mask = tree_mask(50, lengths, torch.float32, "cpu")
+worst = max(worst, float((out - reference(q, k, v, 50, 0.25, mask)).abs().max()))
+assert worst < 1e-5, worst
+
+from model import StreamConfig, VideoStreamInference
+from model.cuda_graphs import GraphRunner
+from model.offline import build_inputs, chat_segments, native_generate
+from model.testing import build_tiny_model, synthetic_frames
+model, proc = build_tiny_model()
+frames = synthetic_frames(9, 90, 120)
+ref = native_generate(model, build_inputs(model, proc, chat_segments(proc, "What?", frames, 4)), 5, set())
+scores = []
+for graphs in (False, True):
+    e = VideoStreamInference(model, proc, config=StreamConfig(attention_kernel="triton"))
+    assert e.stats()["text_attention"] == "stream_triton"
+    if graphs:  # the CUDA-graph path's static shapes, replayed eagerly
+        e._stream.runner = GraphRunner(model, e.kv, e.config, capture=False, live_kernel=e._stream.causal)
+    e.stop_ids = set()
+    e.append_frames(frames[:3], fps=4)
+    e.append_frames(frames[3:], fps=4)
+    a = e.ask("What?", max_new_tokens=5)
+    assert a.token_ids == ref.token_ids and float((a.first_logits - ref.first_logits).abs().max()) <= 1e-4
+    scores.append(e.ask_choice("Which?", ["a b c", "dd", "x"]).scores)
+plain = VideoStreamInference(model, proc, config=StreamConfig(attention_kernel="torch"))
+plain.append_frames(frames, fps=4)
+expected = plain.ask_choice("Which?", ["a b c", "dd", "x"]).scores
+for s in scores:
+    assert all(abs(x - y) <= 1e-4 for x, y in zip(s, expected)), (s, expected)
+print("ok", worst)
+"""
+
+
+def test_triton_kernel_in_the_interpreter_equals_sdpa_and_offline():
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": ROOT}
+    out = subprocess.run([sys.executable, "-c", SCRIPT], cwd=ROOT, capture_output=True, text=True, timeout=900, env=env)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stdout[-2000:] + out.stderr[-4000:]
+
+
+def test_asking_for_triton_without_it_is_a_clear_error(tiny):
+    from model import StreamConfig, VideoStreamInference
+
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("the interpreter makes Triton available on CPU")
+    with pytest.raises(ValueError, match="attention_kernel='triton' needs Triton and a CUDA device"):
+        VideoStreamInference(*tiny, config=StreamConfig(attention_kernel="triton"))
