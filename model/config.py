@@ -29,6 +29,7 @@ class StreamConfig:
     rows_max_scores: int = 96 * 2**20  # ... and score elements per K/V head the matmul path may materialise
     initial_capacity: int = 0  # tokens of K/V reserved when the first segment arrives (0: grow on demand)
     grow_min: int = 1024  # tokens added at least when the cache grows (it grows x1.5 otherwise)
+    max_frames_per_forward: int = 16  # video frames per vision+LM forward within one append (rounded down to whole temporal patches)
     choice_chunk_tokens: int = 128  # ask_choice: choice tokens per forward and per log-softmax chunk
     default_fps: float = 2.0  # fps of a video block whose first append gives none (a warning says so)
     attention_kernel: str = "auto"  # "auto": the live-length Triton kernel on CUDA when Triton imports; "triton"; "torch"
@@ -37,7 +38,7 @@ class StreamConfig:
         for name in ("fast", "cuda_graphs", "vision_graphs"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"StreamConfig.{name} must be True or False, got {getattr(self, name)!r}")
-        positive = ("max_graph_embed_rows", "fold_max_rows", "grow_min", "choice_chunk_tokens")
+        positive = ("max_graph_embed_rows", "fold_max_rows", "grow_min", "choice_chunk_tokens", "max_frames_per_forward")
         for name in positive + ("rows_max_scores", "initial_capacity"):
             value = getattr(self, name)
             if not _is_int(value):

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+from tqdm.auto import tqdm
 
 from .config import StreamConfig
 from .cuda_graphs import GraphRunner, VisionGraphs
@@ -146,15 +147,20 @@ class Stream:
     def add_video_frames(self, txn: Transaction, frames: torch.Tensor) -> int:
         """(n, 3, H, W) resized frames into the open video block: pairs go in, an odd one is held.
 
-        The one home of odd-frame pairing: a held frame joins the next call's first. Returns frames encoded.
+        The one home of odd-frame pairing: a held frame joins the next call's first. Large calls
+        are encoded ``StreamConfig.max_frames_per_forward`` frames at a time (bounded memory; the
+        vision tower attends within a temporal patch, so the embeddings are the same), with a
+        progress bar past a few seconds of work. Returns frames encoded.
         """
         tp = self.video_pixels.temporal_patch_size
         pending = txn.state.pending_frame
         if pending is not None:
             frames = torch.cat([pending[None], frames])
         n_full = frames.shape[0] - frames.shape[0] % tp
-        if n_full:
-            self.feed_frames(txn, frames[:n_full], self.video_pixels)
+        step = max(tp, self.config.max_frames_per_forward // tp * tp)
+        starts = range(0, n_full, step)
+        for i in tqdm(starts, desc="encoding frames", unit="forward", leave=False, disable=len(starts) <= 4):
+            self.feed_frames(txn, frames[i:min(i + step, n_full)], self.video_pixels)
         txn.update(pending_frame=frames[n_full] if n_full < frames.shape[0] else None)
         return n_full
 

@@ -124,3 +124,13 @@ def test_choice_scores_do_not_depend_on_the_scoring_chunk(tiny):
         engine.append_frames(frames, fps=2)
         scores.append(torch.tensor(engine.ask_choice(QUESTION, choices).scores))
     assert torch.allclose(scores[0], scores[1], atol=TOL, rtol=0) and torch.allclose(scores[0], scores[2], atol=TOL, rtol=0)
+
+
+def test_a_large_append_is_encoded_in_bounded_forwards_and_equals_offline(tiny):
+    model, proc = tiny
+    frames = synthetic_frames(13, 90, 120, seed=8)
+    engine = VideoStreamInference(model, proc, config=StreamConfig(max_frames_per_forward=4))
+    info = engine.append_frames(frames, fps=4)  # 13 frames: forwards of 4, 4, 4 frames, one held
+    assert info.frames_encoded == 12 and info.pending
+    ans = engine.ask(QUESTION, max_new_tokens=2)
+    assert (ans.first_logits - offline_first_logits(model, proc, frames, 4)).abs().max() <= TOL
