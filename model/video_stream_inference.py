@@ -60,6 +60,13 @@ class VideoStreamInference:
 
     def __init__(self, model: StreamQwenModel, processor: Any, fast: Optional[bool] = None,
                  config: Optional[StreamConfig] = None):
+        """A new, empty stream over ``model``.
+
+        model: a ``StreamQwenModel`` (shared by any number of engines; never modified).
+        processor: its ``AutoProcessor`` (tokenizer, chat template, image and video processors).
+        fast: True/False turns the fast path (stream kernels, CUDA graphs) on or off; None keeps
+        ``config``'s (default on). config: a ``StreamConfig`` with every other setting.
+        """
         if not isinstance(model, StreamQwenModel):
             raise TypeError(
                 f"model must be a StreamQwenModel, got {type(model).__name__}; "
@@ -202,7 +209,13 @@ class VideoStreamInference:
             self._lock.release()
 
     def stats(self) -> dict:
-        """The stream's numbers and the backends it runs on (cache, frames, positions, attention, graphs)."""
+        """The stream's numbers and the backends it runs on.
+
+        cache_tokens / cache_bytes / cache_reserved_bytes / cache_allocations, frames_seen,
+        pending_frames, video_seconds, chunks, turns, next_position, rope_deltas, frame_size, fps,
+        device, dtype, fast, text_attention, vision_attention, cuda_graphs, vision_graphs (each
+        "off" or "on (N captures)"), choice_scoring, attn_implementation, transformers.
+        """
         return {**self._stream.stats(self.stream_state), "attn_implementation": self.attn_implementation,
                 "choice_scoring": "tree-batched" if self.attn_implementation in TREE_ATTENTION else "sequential",
                 "transformers": str(compat.TRANSFORMERS_VERSION)}
