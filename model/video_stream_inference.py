@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import gc
 import os
-import threading
 import time
 import warnings
 from dataclasses import dataclass
@@ -33,6 +32,7 @@ from .prompt import encode_user_text, extract_vision_segment, prompt_pieces
 from .scoring import TREE_ATTENTION, score_choices
 from .stream import Stream, StreamState
 from .stream_qwen_model import StreamQwenModel
+from .transaction import Transactional
 
 
 @dataclass
@@ -51,7 +51,7 @@ class ChunkInfo:
         return f"Chunk {self.chunk} encoded ({self.frames} frame(s), cache_len={self.cache_len})"
 
 
-class VideoStreamInference:
+class VideoStreamInference(Transactional):
     """One stream over a shared ``StreamQwenModel``: append frames, ask, ask_choice.
 
     ``fast`` (default True) turns on the stream attention kernels and, on CUDA, graphs; it is
@@ -85,9 +85,8 @@ class VideoStreamInference:
         self.stop_ids = set(ids) | set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         self.max_positions = compat.text_config(model.config).max_position_embeddings
         self._stream = Stream(model, self.tokenizer, self.pieces, self.video_pixels, self.image_pixels, self.config)
-        self._lock = threading.RLock()
+        Transactional.__init__(self)
         self._warned_fps = False
-        self._open_stream = False  # an ask_stream() answer holds the lock between its pieces
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, device: Optional[str] = None, dtype=None,
@@ -241,34 +240,7 @@ class VideoStreamInference:
         """(before, vision, after) of a chat-template rendering; see ``prompt.extract_vision_segment``."""
         return extract_vision_segment(prompt)
 
-    # ------------------------------------------------------------------ transactions
-    def _acquire(self) -> None:
-        """Take the stream's lock. Public calls never nest, so a lock this thread already holds was
-        leaked by a call interrupted between two of its last lines (release it first), or belongs to
-        an open ``ask_stream`` answer on this thread (an error: it would deadlock)."""
-        while self._lock._is_owned():
-            if self._open_stream:
-                raise RuntimeError("an ask_stream() answer is still open on this thread: iterate it to the end or "
-                                   "close() it before calling the engine again")
-            self._lock.release()
-        self._lock.acquire()
-
-    def _transaction(self, work, *args):
-        """Run ``work(*args) -> (txn or None, result)`` under the lock; commit ``txn`` as the very last step.
-
-        Nothing of the library runs after the commit (it also releases the lock, in C), so a call
-        that raised, whatever it raised and wherever, has committed nothing.
-        """
-        self._acquire()
-        try:
-            txn, result = work(*args)
-        except BaseException:
-            self._lock.release()
-            raise
-        if txn is None:
-            self._lock.release(); return result  # noqa: E702  (nothing to commit)
-        return self.kv.commit(txn, result, then=self._lock.release)
-
+    # ------------------------------------------------------------------ the work of each call
     @torch.no_grad()
     def _append_frames(self, raw: list, fps, t0: float):
         txn = self.kv.begin()
