@@ -41,7 +41,7 @@ def test_graphs_and_fast_attention_equal_offline(cuda_tiny, size):
     assert stats["cuda_graphs"].startswith("on") and stats["vision_attention"] != "sdpa", stats
     choices = ["a", "bb", "c c"]
     fast_scores = fast.ask_choice("Which?", choices).scores
-    plain = VideoStreamInference(model, proc, fast=False)  # one stream per model: the fast engine is done
+    plain = VideoStreamInference(model, proc, fast=False)  # a second stream on the same model
     plain.append_frames(frames, fps=4)
     plain_scores = plain.ask_choice("Which?", choices).scores
     assert torch.allclose(torch.tensor(fast_scores), torch.tensor(plain_scores), atol=1e-3, rtol=0)
