@@ -1,0 +1,306 @@
+"""python -m model SOURCE: stream a video file, camera or URL into the engine and ask about it.
+
+    python -m model clip.mp4                                   # type questions while it streams
+    python -m model 0                                          # camera 0
+    python -m model rtsp://host/stream --model /path/to/Qwen2.5-VL-3B-Instruct
+    python -m model clip.mp4 --questions q.jsonl --json out.json   # scripted, deterministic
+
+Interactive: a question and Enter answers about "now", token by token; ``question | a | b | c``
+scores the choices. The status line (stderr) shows video time, frames, dropped frames, cache
+size and the last chunk's time. End of input (Ctrl-D) or Ctrl-C stops.
+Scripted: ``{"t": seconds, "question": "...", "choices": [...]}`` per line; each question is
+asked, in t order, when every frame with timestamp <= t (and no later one) is in the engine.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import sys
+import threading
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from .arguments import check_choices, check_question
+from .live import LiveStream
+from .sources import URL_SCHEMES, open_video
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+KNOWN_KEYS = {"t", "question", "choices", "id"}
+
+
+@dataclass
+class Question:
+    question: str
+    choices: Optional[list[str]] = None
+    t: Optional[float] = None  # scripted: ask once the video up to t is in; None: now
+    line: Optional[int] = None
+    id: Any = None
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m model", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("source", help="a video file, a camera index (digits, e.g. 0) or a stream URL (rtsp://, http://...)")
+    p.add_argument("--model", default=None, help="Qwen2.5-VL checkpoint folder (default: $QWEN_MODEL_PATH; "
+                                                  "neither: random weights, said loudly)")
+    p.add_argument("--device", choices=("cuda", "cpu"), default=None, help="default: cuda when there is a GPU")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
+                   help="default: bfloat16 on GPU, float32 on CPU")
+    p.add_argument("--fps", type=float, default=2.0, help="frames per second sampled from the source, by timestamp (default 2)")
+    p.add_argument("--chunk", type=int, default=4, help="frames per append_frames call (default 4)")
+    p.add_argument("--realtime", action="store_true", help="pace a file at wall-clock speed (live sources always are)")
+    p.add_argument("--max-seconds", type=float, default=None, help="stop the source at this many seconds of video")
+    p.add_argument("--questions", default=None, metavar="FILE.jsonl",
+                   help='scripted questions, one JSON object a line: {"t": 4.0, "question": "...", "choices": [...]}')
+    p.add_argument("--json", default=None, metavar="OUT", help="write the answers and run details to this JSON file")
+    p.add_argument("--max-new-tokens", type=int, default=128, help="longest free-text answer, in tokens (default 128)")
+    return p.parse_args(argv)
+
+
+def parse_source(text: str):
+    """A camera index for digits, else a path or URL; a path that does not exist is refused here."""
+    if text.isdigit():
+        return int(text)
+    if not text.lower().startswith(URL_SCHEMES) and not os.path.exists(text):
+        raise ValueError(f"Cannot open video: {text}: no such file (a camera is a number, a stream a URL)")
+    return text
+
+
+def parse_typed(line: str) -> Question:
+    """``question`` or ``question | a | b [| ...]`` (multiple choice); ValueError when malformed."""
+    question, *choices = [part.strip() for part in line.split("|")]
+    if len(choices) == 1 or any(not c for c in choices):
+        raise ValueError("multiple choice is 'question | choice | choice [| ...]', at least two non-empty choices")
+    check_question(question)
+    return Question(question, check_choices(choices) if choices else None)
+
+
+def question_from_json(text: str, line: int) -> tuple[Question, list[str]]:
+    """One line of a questions file and its unknown keys; ValueError saying what is wrong with it."""
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"not JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
+    t, choices = obj.get("t"), obj.get("choices")
+    if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 <= t < float("inf"):
+        raise ValueError(f'"t" must be a number of seconds >= 0, got {t!r}')
+    if choices is not None and (not isinstance(choices, list) or len(choices) < 2):
+        raise ValueError(f'"choices" must be a list of at least two strings, got {choices!r}')
+    try:
+        question = check_question(obj.get("question"))
+        choices = check_choices(choices) if choices is not None else None
+    except (TypeError, ValueError) as e:
+        raise ValueError(str(e)) from None
+    return Question(question, choices, float(t), line, obj.get("id")), sorted(set(obj) - KNOWN_KEYS)
+
+
+def read_questions(path: str, report) -> tuple[list[Question], list[str]]:
+    """The valid questions in t order (stable) and one message per skipped line (also ``report``ed)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"cannot read questions file {path}: {e}") from None
+    questions, skipped = [], []
+    for n, text in enumerate(lines, 1):
+        try:
+            q, unknown = question_from_json(text, n) if text.strip() else (None, [])
+        except ValueError as e:
+            skipped.append(f"{path}:{n}: {e}; line skipped")
+            report(skipped[-1])
+            continue
+        questions += [q] if q else []
+        if unknown:
+            report(f"{path}:{n}: unknown key(s) {unknown} ignored (known: {sorted(KNOWN_KEYS)})")
+    if not questions:
+        raise ValueError(f"no valid question in {path}")
+    return sorted(questions, key=lambda q: q.t), skipped
+
+
+def ask(engine, q: Question, max_new_tokens: int, out) -> dict:
+    """Answer ``q`` (choices scored, or text printed piece by piece to ``out``); the record's answer part."""
+    if q.choices:
+        r = engine.ask_choice(q.question, q.choices)
+        scores = ", ".join(f"{c} {s:.2f}" for c, s in zip(r.choices, r.scores))
+        out.write(f"A: {r.best}  (log p: {scores}; {r.total_s:.3f} s)\n")
+        return {"answer": r.best, "index": r.index, "scores": r.scores, "normalized_scores": r.normalized_scores,
+                "total_s": r.total_s}
+    out.write("A: ")
+    with engine.ask_stream(q.question, max_new_tokens=max_new_tokens) as pieces:
+        for piece in pieces:
+            out.write(piece)
+            out.flush()
+    a = pieces.answer
+    ttft = pieces.first_piece_s if pieces.first_piece_s is not None else a.ttft_s
+    out.write(f"\n   (TTFT {ttft:.3f} s, {a.num_tokens} tokens in {a.total_s:.3f} s, {a.finish_reason})\n")
+    return {"answer": a.text, "tokens": a.num_tokens, "finish_reason": a.finish_reason, "ttft_s": a.ttft_s,
+            "first_piece_s": pieces.first_piece_s, "total_s": a.total_s}
+
+
+def answer_record(engine, live: LiveStream, q: Question, max_new_tokens: int, out) -> dict:
+    """Ask ``q`` with the stream paused, so the record states exactly what the question saw."""
+    with live.paused() as p:
+        stats = engine.stats()
+        record = {"t": q.t, "question": q.question, "choices": q.choices, "video_s": p.video_s, "frames": p.frames,
+                  "chunks": p.chunks, "after_end": q.t is not None and p.ended and q.t > p.video_s,
+                  "cache_tokens": stats["cache_tokens"], "cache_bytes": stats["cache_bytes"]}
+        if q.line is not None:
+            record = {"line": q.line, **({"id": q.id} if q.id is not None else {}), **record}
+        try:
+            record.update(ask(engine, q, max_new_tokens, out))
+        except (TypeError, ValueError) as e:
+            out.write(f"\nerror: {e}\n")
+            record["error"] = str(e)
+    out.flush()
+    return record
+
+
+def run_scripted(engine, live: LiveStream, questions: list[Question], args, records: list) -> None:
+    """Ingest in this thread up to each question's t, then ask it; a streaming error is not fatal."""
+    for q in questions:
+        with contextlib.suppress(Exception):  # kept in live.error and reported at the end; the rest
+            live.advance(until_s=q.t)  # is asked on what the stream holds (records say after_end)
+        p = live.progress
+        print(f"[t={q.t:g}s | {p.frames} frames, video {p.video_s:.1f}s] Q: {q.question}"
+              + (f"  {q.choices}" if q.choices else ""))
+        records.append(answer_record(engine, live, q, args.max_new_tokens, sys.stdout))
+
+
+class StatusLine:
+    """The status line on stderr. On a terminal it sits above the prompt and is redrawn in place
+    every ``every`` s (not while an answer prints); elsewhere it is printed before each prompt."""
+
+    def __init__(self, live: LiveStream, engine, stream, every: float = 0.5):
+        self.live, self.engine, self.stream, self.every = live, engine, stream, every
+        self.tty = stream.isatty()
+        self._lock, self._quiet, self._done = threading.Lock(), threading.Event(), threading.Event()
+        self._thread = threading.Thread(target=self._run, name="status-line", daemon=True)
+
+    def text(self) -> str:
+        p, st = self.live.progress, self.engine.stats()
+        end = f" | stopped: {type(p.error).__name__}: {p.error}" if p.error else " | source ended" if p.ended else ""
+        chunk = "-" if p.last_chunk_ms is None else f"{p.last_chunk_ms:.0f} ms"
+        return (f"video {p.video_s:.1f}s | frames {p.frames} | dropped {p.dropped} | cache {st['cache_tokens']} tok "
+                f"{st['cache_bytes'] / 2 ** 20:.1f} MiB | chunk {chunk}{end}")
+
+    def start(self) -> None:
+        if self.tty:
+            self._thread.start()
+
+    def prompt(self) -> None:
+        """The status, then the prompt on the next line; redraws resume."""
+        sys.stdout.flush()
+        with self._lock:
+            self.stream.write(self.text() + ("\n> " if self.tty else "\n"))
+            self.stream.flush()
+            self._quiet.clear()
+
+    def quiet(self) -> None:
+        with self._lock:
+            self._quiet.set()
+
+    def stop(self) -> None:
+        with self._lock:
+            self._done.set()
+            self.stream.write("\n" if self.tty else "")  # off the prompt line
+
+    def _run(self) -> None:
+        while not self._done.wait(self.every):
+            with self._lock:
+                if not self._quiet.is_set():  # save cursor, up a line, redraw, restore
+                    width = shutil.get_terminal_size((100, 24)).columns - 1
+                    self.stream.write(f"\x1b7\x1b[1A\r{self.text()[:width]}\x1b[K\x1b8")
+                    self.stream.flush()
+
+
+def run_interactive(engine, live: LiveStream, args, records: list) -> None:
+    """Stream in the background; answer each line read from stdin about "now" until end of input."""
+    live.start()
+    status = StatusLine(live, engine, sys.stderr)
+    status.start()
+    try:
+        while True:
+            status.prompt()
+            line = sys.stdin.readline()
+            status.quiet()
+            if not line:
+                return
+            if not line.strip():
+                continue
+            try:
+                q = parse_typed(line.rstrip("\n"))
+            except (TypeError, ValueError) as e:
+                print(f"error: {e}", file=sys.stderr)
+                continue
+            records.append(answer_record(engine, live, q, args.max_new_tokens, sys.stdout))
+    finally:
+        status.stop()
+
+
+def write_json(path: str, meta: dict, records: list) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump({"meta": meta, "questions": records}, f, indent=2, default=str)
+
+
+def run_meta(args, live: LiveStream, engine, description: str, skipped: list, error) -> dict:
+    p, src = live.progress, live.source
+    return {"source": src.source if src else args.source, "source_fps": src.source_fps if src else None,
+            "fps": live.fps, "chunk": live.chunk, "realtime": args.realtime, "max_seconds": args.max_seconds,
+            "model": description, "max_new_tokens": args.max_new_tokens,
+            "mode": "scripted" if args.questions else "interactive",
+            "ingest": ("main thread; each question sees exactly the frames with timestamp <= t (record's frames)"
+                       if args.questions else "background thread; each question sees the frames in at that moment"),
+            "progress": {"video_s": p.video_s, "frames": p.frames, "chunks": p.chunks, "dropped": p.dropped,
+                         "lost": p.lost, "ended": p.ended},
+            "problems": list(src.problems) if src else [], "skipped_lines": skipped,
+            "error": None if error is None else f"{type(error).__name__}: {error}", "stats": engine.stats()}
+
+
+def setup(args):
+    """(source, questions, skipped, engine, description), or ValueError for bad input (exit 2)."""
+    from .eval.__main__ import load_engine
+
+    for flag, value in (("--fps", args.fps), ("--chunk", args.chunk), ("--max-seconds", args.max_seconds),
+                        ("--max-new-tokens", args.max_new_tokens)):
+        if value is not None and not value > 0:
+            raise ValueError(f"{flag} must be > 0, got {value}")
+    source = parse_source(args.source)
+    questions, skipped = [], []
+    if args.questions:
+        questions, skipped = read_questions(args.questions, lambda m: print(f"warning: {m}", file=sys.stderr))
+    engine, description = load_engine(args.model, args.dtype, args.device)
+    return source, questions, skipped, engine, description
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        source, questions, skipped, engine, description = setup(args)
+        video = open_video(source, fps=args.fps, realtime=args.realtime, max_seconds=args.max_seconds)
+        live = LiveStream(engine, video, chunk=args.chunk)
+    except (TypeError, ValueError, ConnectionError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    records: list = []
+    code = EXIT_OK
+    try:
+        (run_scripted(engine, live, questions, args, records) if questions
+         else run_interactive(engine, live, args, records))
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        code = EXIT_INTERRUPTED
+    with contextlib.suppress(Exception):  # reported below from live.error
+        live.stop(timeout=10, flush=False)
+    if live.error is not None:
+        print(f"error: streaming stopped: {type(live.error).__name__}: {live.error}", file=sys.stderr)
+        code = code or EXIT_FAILED
+    print(f"done: {live.progress}", file=sys.stderr)
+    if args.json:
+        write_json(args.json, run_meta(args, live, engine, description, skipped, live.error), records)
+        print(f"wrote {args.json} ({len(records)} answers)", file=sys.stderr)
+    return code
