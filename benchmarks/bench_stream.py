@@ -27,7 +27,7 @@ from model import StreamConfig, VideoStreamInference  # noqa: E402
 from model.offline import build_inputs, chat_segments, native_generate  # noqa: E402
 from model.synthetic import synthetic_frames  # noqa: E402
 from model.testing import QWEN25_VL_3B_CONFIG, build_3b_processor, build_random_model  # noqa: E402
-from model.timing import GIB, device_info, set_exact_fp32, sync  # noqa: E402
+from model.timing import GIB, device_info, sync  # noqa: E402
 
 Q = "What is happening in the video right now?"
 CHOICES = ["a red circle", "a green square", "a blue triangle", "nothing"]

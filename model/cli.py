@@ -263,7 +263,7 @@ def run_meta(args, live: LiveStream, engine, description: str, skipped: list, er
 
 def setup(args):
     """(source, questions, skipped, engine, description), or ValueError for bad input (exit 2)."""
-    from .eval.__main__ import load_engine
+    from .loading import load_engine
 
     for flag, value in (("--fps", args.fps), ("--chunk", args.chunk), ("--max-seconds", args.max_seconds),
                         ("--max-new-tokens", args.max_new_tokens)):

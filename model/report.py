@@ -7,8 +7,6 @@ import time
 import traceback
 from typing import Callable, Optional
 
-import torch
-
 WIDTH = 70
 
 
@@ -68,30 +66,11 @@ def video_path() -> Optional[str]:
 
 
 def load_engine(dtype: Optional[str] = None, attn_implementation: str = "sdpa"):
-    """(engine, description): the checkpoint if QWEN_MODEL_PATH is set, else random weights.
+    """(engine, description) for the step scripts: ``loading.load_engine`` with its banner in the report."""
+    from .loading import load_engine as load
 
-    Random weights: the tiny model on CPU, the full Qwen2.5-VL-3B architecture on a GPU.
-    """
-    from . import VideoStreamInference
-    from .testing import QWEN25_VL_3B_CONFIG, build_3b_processor, build_random_model, build_tiny_model
-
-    cuda = torch.cuda.is_available()
-    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
-                   None: torch.bfloat16 if cuda else torch.float32}[dtype]
-    path = model_path()
-    if path:
-        engine = VideoStreamInference.from_pretrained(path, dtype=torch_dtype, attn_implementation=attn_implementation)
-        return engine, f"checkpoint {path}"
-    if cuda:
-        print("!" * WIDTH)
-        print("! RANDOM WEIGHTS (Qwen2.5-VL-3B architecture): answers are meaningless, timings are real.")
-        print("!" * WIDTH)
-        model = build_random_model(QWEN25_VL_3B_CONFIG, dtype=torch_dtype, device="cuda",
-                                   attn_implementation=attn_implementation)
-        return VideoStreamInference(model, build_3b_processor()), "random-weight Qwen2.5-VL-3B architecture"
-    print("RANDOM WEIGHTS (tiny model on CPU): answers are meaningless, timings are not representative.")
-    model, proc = build_tiny_model(attn_implementation=attn_implementation)
-    return VideoStreamInference(model, proc), "random-weight tiny model (CPU)"
+    model_path()  # says "not set" in the report, or raises for a path that does not exist
+    return load(None, dtype, None, attn_implementation, out=sys.stdout)
 
 
 def main(title: str, checks: list[Callable[[], None]]) -> None:

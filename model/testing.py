@@ -8,11 +8,9 @@ a 2-layer model on CPU in about a second.
 from __future__ import annotations
 
 import json
-import os
 import tempfile
 from pathlib import Path
 
-import numpy as np
 import torch
 
 SPECIAL_TOKENS = [
@@ -151,6 +149,5 @@ def build_3b_processor(folder: str | Path | None = None):
     return load_processor(write_processor_files(folder, min_pixels=128 * 28 * 28, max_pixels=28 * 28 * 768))
 
 
-# ---------------------------------------------------------------- synthetic video
-
-from .synthetic import synthetic_frames, write_synthetic_video  # noqa: F401
+# the synthetic video lives in the library (model/synthetic.py); re-exported for the tests
+from .synthetic import synthetic_frames, write_synthetic_video  # noqa: E402,F401

@@ -12,16 +12,13 @@ import os
 import sys
 from pathlib import Path
 
-import torch
-
-from ..timing import set_exact_fp32
 from .events import BENCHMARKS
 from .modes import MODES, PLANNED
 from .readers import read_annotations
 from .report import write_report
+from ..loading import DTYPES, load_engine
 from .runner import EvalConfig, run_benchmark
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -47,36 +44,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--limit", type=int, default=None, help="only the first N events of the annotation file")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p.parse_args(argv)
-
-
-def load_engine(model_path, dtype_name, device=None):
-    """(engine, description): --model, else $QWEN_MODEL_PATH, else random weights (said loudly)."""
-    from .. import VideoStreamInference
-
-    path = model_path or os.environ.get("QWEN_MODEL_PATH")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda, but torch sees no GPU")
-    cuda = torch.cuda.is_available() if device is None else device == "cuda"
-    dtype = DTYPES[dtype_name] if dtype_name else (torch.bfloat16 if cuda else torch.float32)
-    if dtype == torch.float32:
-        set_exact_fp32()  # no TF32: the setting in which streamed and offline answers must agree
-    if path:
-        source = "--model" if model_path else "QWEN_MODEL_PATH"
-        if not os.path.isdir(path):
-            raise ValueError(f"model folder not found: {path!r} (from {source}); "
-                             "pass a local Qwen2.5-VL checkpoint folder")
-        engine = VideoStreamInference.from_pretrained(path, device="cuda" if cuda else "cpu", dtype=dtype)
-        return engine, f"checkpoint {path}"
-    from ..testing import QWEN25_VL_3B_CONFIG, build_3b_processor, build_random_model, build_tiny_model
-
-    what = "Qwen2.5-VL-3B architecture" if cuda else "tiny model (CPU)"
-    print("!" * 78 + f"\n! No --model and no QWEN_MODEL_PATH: RANDOM WEIGHTS ({what}).\n"
-          "! Accuracies are meaningless; timings are real.\n" + "!" * 78, file=sys.stderr)
-    if cuda:
-        model = build_random_model(QWEN25_VL_3B_CONFIG, dtype=dtype, device="cuda")
-        return VideoStreamInference(model, build_3b_processor()), f"random-weight {what}"
-    model, processor = build_tiny_model()
-    return VideoStreamInference(model.to(dtype), processor), f"random-weight {what}"
 
 
 def main(argv=None) -> int:

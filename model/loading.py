@@ -1,0 +1,55 @@
+"""Loading an engine the way every entry point does: a checkpoint, or random weights said loudly.
+
+``--model`` (or ``$QWEN_MODEL_PATH``) names a local checkpoint folder; a path that does not
+exist is an error naming it, never a silent fallback. With neither, random weights: the real
+Qwen2.5-VL-3B architecture on a GPU (timings are real, answers are not), the tiny model on CPU.
+Used by the step scripts (``report.py``), the CLI and the benchmark runner.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from typing import Optional, TextIO
+
+import torch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_engine(model_path: Optional[str] = None, dtype: Optional[str] = None, device: Optional[str] = None,
+                attn_implementation: str = "sdpa", out: Optional[TextIO] = None):
+    """(engine, description). ``dtype``: a name in ``DTYPES`` (default bf16 on a GPU, fp32 on CPU).
+
+    ``out``: where the random-weights banner goes (default: standard error at call time).
+    """
+    from . import VideoStreamInference
+    from .timing import set_exact_fp32
+
+    path = model_path or os.environ.get("QWEN_MODEL_PATH")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' asked for, but torch sees no GPU")
+    cuda = torch.cuda.is_available() if device is None else device == "cuda"
+    if dtype is not None and dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    torch_dtype = DTYPES[dtype] if dtype else (torch.bfloat16 if cuda else torch.float32)
+    if torch_dtype == torch.float32:
+        set_exact_fp32()  # no TF32: the setting in which streamed and offline answers must agree
+    if path:
+        where = "--model" if model_path else "QWEN_MODEL_PATH"
+        if not os.path.isdir(path):
+            raise ValueError(f"Model not found: {path!r} (from {where}) is not a folder; "
+                             "pass a local Qwen2.5-VL checkpoint folder")
+        engine = VideoStreamInference.from_pretrained(path, device="cuda" if cuda else "cpu", dtype=torch_dtype,
+                                                      attn_implementation=attn_implementation)
+        return engine, f"checkpoint {path}"
+    from .testing import QWEN25_VL_3B_CONFIG, build_3b_processor, build_random_model, build_tiny_model
+
+    what = "Qwen2.5-VL-3B architecture" if cuda else "tiny model (CPU)"
+    print("!" * 78 + f"\n! No model given (--model / QWEN_MODEL_PATH): RANDOM WEIGHTS ({what}).\n"
+          "! Answers are meaningless; timings are real on a GPU.\n" + "!" * 78, file=out or sys.stderr)
+    if cuda:
+        model = build_random_model(QWEN25_VL_3B_CONFIG, dtype=torch_dtype, device="cuda",
+                                   attn_implementation=attn_implementation)
+        return VideoStreamInference(model, build_3b_processor()), f"random-weight {what}"
+    model, processor = build_tiny_model(attn_implementation=attn_implementation)
+    return VideoStreamInference(model.to(torch_dtype), processor), f"random-weight {what}"
