@@ -200,7 +200,10 @@ class VideoStreamInference(Transactional):
         return info
 
     def reset(self) -> None:
-        """Drop the stream (cache, state, snapshots) and start a new one on the same model."""
+        """Drop the stream (cache, state, snapshots; the memory is freed) and start a new one on the same model.
+
+        A reserved capacity goes with the cache: call ``warmup`` again before real-time use.
+        """
         self._acquire()
         try:
             self._stream.reset()
