@@ -13,7 +13,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import cv2
 
-from .sources import VideoSource
+from .video_source import VideoSource
 
 MAX_RETRIES = 256  # grabs retried in a row after a decode failure (each skips one undecodable packet)
 
