@@ -14,7 +14,8 @@ from typing import Iterator, Optional
 import torch
 
 from .arguments import check_max_new_tokens
-from .decoding import Answer, Decoding, StreamerFeed, TextPieces, special_token_ids
+from .decoding import Answer, Decoding
+from .text_stream import StreamerFeed, TextPieces, special_token_ids
 
 
 class _Result:

@@ -10,7 +10,8 @@ import pytest
 import torch
 from transformers import TextIteratorStreamer, TextStreamer
 
-from model.decoding import Decoding, StreamerFeed, TextPieces, decode, make_sampler, special_token_ids
+from model.decoding import Decoding, decode, make_sampler
+from model.text_stream import StreamerFeed, TextPieces, special_token_ids
 from model.testing import load_processor, write_processor_files
 
 
