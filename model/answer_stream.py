@@ -66,7 +66,7 @@ def _pieces(holder: _Result, engine, question, update_state, max_new_tokens, sam
     engine._acquire()
     engine._open_stream = True
     try:
-        txn, decoding = start_answer(engine, question, max_new_tokens, sampler, t0)
+        txn, decoding, first_logits = start_answer(engine, question, max_new_tokens, sampler, t0)
         text = TextPieces(engine.tokenizer)
         with streamer_feed(streamer, engine.tokenizer) as put:
             for tok in decoding:
@@ -78,7 +78,7 @@ def _pieces(holder: _Result, engine, question, update_state, max_new_tokens, sam
             tail = text.flush()
         if tail:
             yield tail
-        holder.answer = finish_answer(engine, txn, decoding, update_state, t0)
+        holder.answer = finish_answer(engine, txn, decoding, first_logits, update_state, t0)
         engine._open_stream = False
     except BaseException:
         engine._open_stream = False
@@ -91,7 +91,7 @@ def _pieces(holder: _Result, engine, question, update_state, max_new_tokens, sam
 
 @torch.no_grad()
 def start_answer(engine, question: str, max_new_tokens: int, sampler, t0: float):
-    """Open the question in a new transaction -> (txn, a ``Decoding`` that feeds tokens into it)."""
+    """Open the question in a new transaction -> (txn, a ``Decoding`` that feeds tokens into it, (V,) first logits)."""
     txn = engine.kv.begin()
     first = engine._stream.open_question(txn, question)  # (1, V)
     check_max_new_tokens(max_new_tokens, engine.max_positions - txn.state.next_position)
@@ -100,19 +100,17 @@ def start_answer(engine, question: str, max_new_tokens: int, sampler, t0: float)
     def feed(tok: int) -> torch.Tensor:
         return engine._stream.feed_ids(txn, [tok], logits="last")[:, -1]  # (1, V)
 
-    decoding = Decoding(first, feed, sampler, engine.stop_ids, max_new_tokens, engine._sync, t0)
-    decoding.first_logits = first[0]
-    return txn, decoding
+    return txn, Decoding(first, feed, sampler, engine.stop_ids, max_new_tokens, engine._sync, t0), first[0]
 
 
 @torch.no_grad()
-def finish_answer(engine, txn, decoding: Decoding, update_state: bool, t0: float) -> Answer:
+def finish_answer(engine, txn, decoding: Decoding, first_logits: torch.Tensor, update_state: bool, t0: float) -> Answer:
     """Keep question + answer as a turn (``update_state``; committed by the caller) and build the ``Answer``."""
     if update_state:
         engine._stream.commit_answer(txn, decoding.tokens[decoding.fed:])
     engine._sync()
     return Answer(engine.tokenizer.decode(decoding.tokens, skip_special_tokens=True), decoding.tokens,
-                  decoding.ttft_s, time.perf_counter() - t0, decoding.finish_reason, decoding.first_logits)
+                  decoding.ttft_s, time.perf_counter() - t0, decoding.finish_reason, first_logits)
 
 
 def streamer_feed(streamer, tokenizer):

@@ -57,10 +57,9 @@ def _gather(logits: torch.Tensor, targets: list[int]) -> torch.Tensor:
 def _tree_scores(stream, txn: Transaction, branches: list[list[int]]) -> list[float]:
     """One forward over several branches (inputs c_0..c_{m-2} each) packed after the working head."""
     lengths = [len(ids) - 1 for ids in branches]
-    flat = torch.tensor([t for ids in branches for t in ids[:-1]], dtype=torch.long, device=stream.model.device)
+    flat = [t for ids in branches for t in ids[:-1]]
     pos = torch.cat([text_positions(txn.state.next_position, n) for n in lengths], dim=1)  # (3, L)
-    mask = stream.tree(txn.length, lengths)
-    logits = stream._forward(txn.fork(), "ids", flat, pos, "all", mask=mask)[0]  # (L, V)
+    logits = stream.feed_ids(txn.fork(), flat, "all", positions=pos, mask=stream.tree(txn.length, lengths))[0]  # (L, V)
     logp = _gather(logits, [t for ids in branches for t in ids[1:]])
     return [float(part.sum()) for part in logp.split(lengths)]
 

@@ -117,12 +117,18 @@ class Stream:
         dense = tree_mask(past, lengths, self.model.dtype, device)  # (1, 1, L, past+L)
         return StreamMask(past, dense, cfg.fold_max_rows, cfg.rows_max_scores) if self.fast else dense
 
-    def feed_ids(self, txn: Transaction, ids: list[int], logits: str = "none") -> Optional[torch.Tensor]:
-        """Append text token ids at the next free positions."""
+    def feed_ids(self, txn: Transaction, ids: list[int], logits: str = "none", positions: Optional[torch.Tensor] = None,
+                 mask=None) -> Optional[torch.Tensor]:
+        """Append text token ids, at the next free positions unless (3, n) ``positions`` are given.
+
+        ``mask``: another mask than causal-after-the-cache (e.g. ``tree`` for choice branches).
+        """
         if not ids:
             return None
-        return self._forward(txn, "ids", torch.tensor(ids, dtype=torch.long, device=self.model.device),
-                             text_positions(txn.state.next_position, len(ids)), logits)
+        if positions is None:
+            positions = text_positions(txn.state.next_position, len(ids))
+        return self._forward(txn, "ids", torch.tensor(ids, dtype=torch.long, device=self.model.device), positions,
+                             logits, mask)
 
     def feed_text(self, txn: Transaction, text: str, logits: str = "none") -> Optional[torch.Tensor]:
         """Append trusted template text (never user text: see ``prompt.encode_user_text``)."""

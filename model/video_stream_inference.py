@@ -270,11 +270,11 @@ class VideoStreamInference(Transactional):
         return make_sampler(self.model.device, **generation)
 
     def _ask(self, question: str, update_state: bool, max_new_tokens: int, sampler, streamer, t0: float):
-        txn, decoding = start_answer(self, question, max_new_tokens, sampler, t0)
+        txn, decoding, first_logits = start_answer(self, question, max_new_tokens, sampler, t0)
         with streamer_feed(streamer, self.tokenizer) as put:
             for tok in decoding:
                 put(tok)
-        return (txn if update_state else None), finish_answer(self, txn, decoding, update_state, t0)
+        return (txn if update_state else None), finish_answer(self, txn, decoding, first_logits, update_state, t0)
 
     @torch.no_grad()
     def _score(self, question: str, choice_ids: list[list[int]]):
