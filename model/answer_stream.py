@@ -15,6 +15,7 @@ import torch
 
 from .arguments import check_max_new_tokens
 from .decoding import Answer, Decoding
+from .prompt import decode
 from .text_stream import StreamerFeed, TextPieces, special_token_ids
 
 
@@ -109,7 +110,7 @@ def finish_answer(engine, txn, decoding: Decoding, first_logits: torch.Tensor, u
     if update_state:
         engine._stream.commit_answer(txn, decoding.tokens[decoding.fed:])
     engine._sync()
-    return Answer(engine.tokenizer.decode(decoding.tokens, skip_special_tokens=True), decoding.tokens,
+    return Answer(decode(engine.tokenizer, decoding.tokens), decoding.tokens,
                   decoding.ttft_s, time.perf_counter() - t0, decoding.finish_reason, first_logits)
 
 

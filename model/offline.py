@@ -18,7 +18,8 @@ import torch
 from . import compat
 from .frames import pad_to_temporal_patch, patchify, resize_frames, target_size, to_frame_list
 from .positions import transcript_positions
-from .prompt import QUESTION_MARK, VISION_END, VISION_START, encode_user_text, extract_vision_segment, render
+from .prompt import (QUESTION_MARK, VISION_END, VISION_START, encode, encode_user_text, extract_vision_segment, render,
+                     token_ids)
 from .timing import sync
 
 # A transcript is a list of segments:
@@ -49,13 +50,13 @@ def build_inputs(model, processor, segments: Sequence[Segment]) -> NativeInputs:
     tok = getattr(processor, "tokenizer", processor)
     vpix = compat.pixel_config(compat.video_processor(processor))
     ipix = compat.pixel_config(processor.image_processor)
-    image_id, video_id = tok.convert_tokens_to_ids(["<|image_pad|>", "<|video_pad|>"])
+    image_id, video_id = token_ids(tok, ["<|image_pad|>", "<|video_pad|>"])
     ids: list[int] = []
     vids, vgrids, spgts, imgs, igrids = [], [], [], [], []
     for seg in segments:
         kind = seg[0]
         if kind == "text":
-            ids += tok.encode(seg[1], add_special_tokens=False)
+            ids += encode(tok, seg[1])
         elif kind == "user":
             ids += encode_user_text(tok, seg[1])
         elif kind == "ids":

@@ -8,6 +8,7 @@ checkpoint with a custom system prompt streams exactly what it would see offline
 """
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 VISION_START = "<|vision_start|>"
@@ -63,9 +64,40 @@ class PromptPieces:
         return encode(tokenizer, before) + encode_user_text(tokenizer, text) + encode(tokenizer, after)
 
 
+class _TokenizerLock:
+    """The lock around every call the library makes on a tokenizer.
+
+    A fast tokenizer is one Rust object behind a borrow flag: ``encode(split_special_tokens=...)``
+    flips a setting on it (a mutable borrow), so any other call on it from another thread at that
+    moment fails with "RuntimeError: Already borrowed" (transformers 4.57). Engines on one
+    processor share its tokenizer, so the library's tokenizer calls take this one lock (each
+    holds it for microseconds). Those calls never nest, so a hold this thread still has on entry
+    was leaked by a call interrupted between two of its lines (``KeyboardInterrupt``): it is
+    released first, as the engines' own locks do (``transaction.Transactional._acquire``).
+    """
+
+    def __init__(self):
+        self._lock = threading.RLock()
+
+    def __enter__(self) -> None:
+        while self._lock._is_owned():
+            self._lock.release()
+        self._lock.acquire()
+
+    def __exit__(self, *exc) -> None:
+        if self._lock._is_owned():
+            self._lock.release()
+
+
+TOKENIZER_LOCK = _TokenizerLock()
+
+
 def encode(tokenizer, text: str) -> list[int]:
     """Trusted template text -> ids (its special-token strings become special tokens)."""
-    return tokenizer.encode(text, add_special_tokens=False) if text else []
+    if not text:
+        return []
+    with TOKENIZER_LOCK:
+        return tokenizer.encode(text, add_special_tokens=False)
 
 
 def encode_user_text(tokenizer, text: str) -> list[int]:
@@ -74,7 +106,22 @@ def encode_user_text(tokenizer, text: str) -> list[int]:
     ``<|im_end|>`` or ``<|video_pad|>`` typed by a user is tokenised like any other characters,
     so a question cannot close its turn, forge an assistant turn or insert video placeholders.
     """
-    return tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True) if text else []
+    if not text:
+        return []
+    with TOKENIZER_LOCK:
+        return tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True)
+
+
+def decode(tokenizer, ids: list[int], skip_special_tokens: bool = True) -> str:
+    """Token ids -> text (under the tokenizer lock, see ``TOKENIZER_LOCK``)."""
+    with TOKENIZER_LOCK:
+        return tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+
+
+def token_ids(tokenizer, tokens: list[str]) -> list[int]:
+    """Token strings -> ids (under the tokenizer lock)."""
+    with TOKENIZER_LOCK:
+        return tokenizer.convert_tokens_to_ids(tokens)
 
 
 def render(processor, messages: list[dict], add_generation_prompt: bool = True) -> str:

@@ -10,11 +10,14 @@ from typing import Iterable, Optional
 
 import torch
 
+from .prompt import TOKENIZER_LOCK, decode
+
 
 def special_token_ids(tokenizer) -> frozenset[int]:
     """The ids ``tokenizer.decode(..., skip_special_tokens=True)`` leaves out (all special added tokens)."""
-    added = {i for i, tok in tokenizer.added_tokens_decoder.items() if tok.special}
-    return frozenset(added | set(tokenizer.all_special_ids))
+    with TOKENIZER_LOCK:
+        added = {i for i, tok in tokenizer.added_tokens_decoder.items() if tok.special}
+        return frozenset(added | set(tokenizer.all_special_ids))
 
 
 class TextPieces:
@@ -33,7 +36,7 @@ class TextPieces:
         self.text = ""  # given out so far
 
     def _decode(self) -> str:
-        return self.tokenizer.decode(self.token_ids, skip_special_tokens=self.skip_special_tokens)
+        return decode(self.tokenizer, self.token_ids, self.skip_special_tokens)
 
     def _give_out(self, text: str) -> str:
         if not text.startswith(self.text):
@@ -80,19 +83,23 @@ class StreamerFeed:
         self.skip_ids = frozenset(int(i) for i in skip_ids)
         self.closed = False
         prompt = [] if prompt_ids is None else [int(i) for i in prompt_ids]
-        streamer.put(torch.tensor([prompt], dtype=torch.long))  # (1, n), as generate() puts input_ids
+        # Under the tokenizer lock: a transformers streamer decodes with (usually) the shared tokenizer.
+        with TOKENIZER_LOCK:
+            streamer.put(torch.tensor([prompt], dtype=torch.long))  # (1, n), as generate() puts input_ids
 
     def __call__(self, token_id: int) -> None:
         if self.closed:
             raise RuntimeError("this StreamerFeed is closed (end() was called)")
         if int(token_id) not in self.skip_ids:
-            self.streamer.put(torch.tensor([int(token_id)], dtype=torch.long))
+            with TOKENIZER_LOCK:
+                self.streamer.put(torch.tensor([int(token_id)], dtype=torch.long))
 
     def close(self) -> None:
         """Call the streamer's end() (once; later calls do nothing)."""
         if not self.closed:
             self.closed = True
-            self.streamer.end()
+            with TOKENIZER_LOCK:
+                self.streamer.end()
 
     def __enter__(self) -> "StreamerFeed":
         return self

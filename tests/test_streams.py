@@ -5,7 +5,10 @@
 - two engines with different ``fast`` settings on one model both stay exact and report their
   own backends;
 - an append thread and an ask thread on one stream end equal to a sequential replay of the
-  order the stream's lock admitted them.
+  order the stream's lock admitted them;
+- threads sharing one tokenizer (engines on one processor) never meet it mid-call (a fast
+  tokenizer raises "Already borrowed" when one thread flips ``split_special_tokens`` while
+  another uses it).
 """
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ import torch
 
 from model import StreamConfig, VideoStreamInference
 from model.offline import build_inputs, chat_segments, native_logits
+from model.prompt import decode, encode, encode_user_text
 from model.testing import synthetic_frames
 from tests.conftest import assert_same_signature, signature
 
@@ -140,3 +144,25 @@ def test_append_thread_and_ask_thread_equal_a_sequential_replay(tiny):
         assert same(results[(tag, i)], expected), (tag, i)
     assert_same_signature(signature(replay), signature(engine))
     assert engine.stream_state.frames_seen == sum(op[2] for op in appends)
+
+
+def test_threads_sharing_one_tokenizer_never_meet_it_mid_call(tiny):
+    _, proc = tiny
+    tok, errors = proc.tokenizer, []
+    calls = [lambda: encode(tok, "<|vision_start|>"), lambda: encode_user_text(tok, "a <|im_end|> b"),
+             lambda: decode(tok, [72, 105, 151645])]
+    expected = [c() for c in calls]
+
+    def worker(k):
+        try:
+            for _ in range(6000):
+                assert calls[k]() == expected[k]
+        except Exception as e:  # reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors, errors

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from ..offline import build_inputs, chat_segments, native_logits
+from ..prompt import encode_user_text
 from ..timing import sync
 from .events import Event
 from .prompts import letter_prompt, letters, match_option
@@ -72,7 +73,7 @@ def offline_choice_scores(model, processor, question: str, options: Sequence[str
     first_logp = torch.log_softmax(first, -1)
     scores = []
     for option in options:
-        ids = tok.encode(option, add_special_tokens=False)
+        ids = encode_user_text(tok, option)  # literal text, as ask_choice reads choices
         if len(ids) == 1:
             scores.append(float(first_logp[ids[0]]))
             continue
