@@ -16,7 +16,8 @@ import sys
 
 import torch
 
-from model.offline import build_inputs, chat_segments, native_generate
+from model.config import BUDGET_STATS, add_budget_arguments, budget_config
+from model.offline import bounded_visibility, build_inputs, chat_segments, masked_logits, native_generate
 from model.report import WIDTH, load_engine, section, video_path
 from model.timing import device_info, median, reset_peak, set_exact_fp32, sync, timed, vram
 from model.video_io import load_frames
@@ -38,6 +39,7 @@ def parse_args(argv=None):
     p.add_argument("--json", metavar="PATH", help="write machine-readable results here")
     p.add_argument("--plot", metavar="PATH", help="PNG of TTFT and VRAM against video length, both modes")
     p.add_argument("--sweep", default="2,8,16,32", help="video lengths in seconds for --plot")
+    add_budget_arguments(p)
     return p.parse_args(argv)
 
 
@@ -46,11 +48,13 @@ def stream_once(engine, frames, fps, chunk, question, max_new_tokens, verbose=Fa
     engine.reset()
     sync()
     reset_peak()
-    chunk_s = []
+    chunk_s, calls = [], []  # calls: what each call saw, for a bounded stream's exact reference
     n_chunks = (len(frames) + chunk - 1) // chunk
     bar = _progress(n_chunks, verbose)
     for k in range(n_chunks):
+        before = engine.stream_state
         info = engine.append_frames(frames[k * chunk:(k + 1) * chunk], fps=fps)
+        calls.append((before.last_cache_position, engine.stream_state.last_cache_position, _kept(before)))
         chunk_s.append(info.encode_s)
         if verbose and n_chunks <= 20:
             print(f"    Chunk {k + 1}/{n_chunks}: {info}")
@@ -58,13 +62,30 @@ def stream_once(engine, frames, fps, chunk, question, max_new_tokens, verbose=Fa
     bar.close()
     mem_after_encode = vram()
     resolution = list(engine.state.frame_size or ())
+    before = engine.stream_state
     ans = engine.ask(question, max_new_tokens=max_new_tokens)
+    recalled = [(r.seq, r.tokens) for r in ans.recalled]  # evicted grids the question saw again (recall)
+    calls.append((before.last_cache_position, None, (_kept(before) or []) + recalled))  # to the transcript's end
     stats = engine.stats()
     return {"encode_total_s": sum(chunk_s), "encode_chunk_s": chunk_s, "ttft_s": ans.ttft_s,
             "total_qa_s": ans.total_s, "answer": ans.text, "token_ids": ans.token_ids, "first_logits": ans.first_logits,
             "vram_after_encode_mib": mem_after_encode, "vram_mib": vram(), "cache_tokens": stats["cache_tokens"],
-            "resolution": resolution,
-            "cache_bytes": stats["cache_bytes"]}
+            "resolution": resolution, "cache_bytes": stats["cache_bytes"], "calls": calls,
+            "budget": {k: stats[k] for k in BUDGET_STATS} if stats["bounded"] else None,
+            "recalled_s": [(r.start_s, r.end_s) for r in ans.recalled]}
+
+
+def _kept(state):
+    return state.layout.kept_ranges() if state.layout is not None else None
+
+
+def masked_reference(engine, frames, fps, question, calls) -> torch.Tensor:
+    """(V,) first-token logits of the exact reference of a bounded stream: one offline forward over the
+    same transcript, each token seeing what the cache kept when its call began (offline.bounded_visibility)."""
+    model, proc = engine.model, engine.processor
+    inputs = build_inputs(model, proc, chat_segments(proc, question, frames, fps))
+    calls = [(a, inputs.num_tokens if b is None else b, kept) for a, b, kept in calls]
+    return masked_logits(model, inputs, bounded_visibility(inputs.num_tokens, calls))[0, -1]
 
 
 def native_once(engine, frames, fps, question, max_new_tokens):
@@ -108,7 +129,13 @@ def compare(engine, frames, fps, args, repeats, verbose=True):
     s["encode_chunk_median_s"] = median(t for r in streams for t in r["encode_chunk_s"][1:] or r["encode_chunk_s"])
     for key in ("preprocess_s", "prefill_s", "ttft_s", "total_s"):
         n[key] = median(r[key] for r in natives)
-    return s, n, agreement(s, n)
+    agree = agreement(s, n)
+    if s["budget"] is not None and s["budget"]["evicted_tokens"]:  # the exact reference is the masked forward
+        ref = masked_reference(engine, frames, fps, args.question, s["calls"]).float()
+        a = s["first_logits"].float()
+        agree.update(masked_reference_argmax_equal=int(a.argmax()) == int(ref.argmax()),
+                     masked_reference_max_abs_diff=float((a - ref).abs().max()))
+    return s, n, agree
 
 
 def sweep(engine, fps, args, seconds_list):
@@ -172,6 +199,19 @@ def print_report(s, n, agree, meta, exact):
         print(f"  Native VRAM:             {n['vram_mib']}")
     print(f"  Streaming cache:         {s['cache_tokens']} tokens, {s['cache_bytes'] / 2**20:.1f} MiB")
     print(f"  Native cache:            {n['tokens']} tokens + answer, {n['cache_bytes'] / 2**20:.1f} MiB")
+    if s["budget"] is not None:
+        b = s["budget"]
+        print(f"  Memory budget:           {b['cache_budget_tokens'] or '-'} tokens, window "
+              f"{b['video_window_seconds'] or '-'} s, sink {b['sink_frames']} frames")
+        print(f"  Kept / evicted video:    {b['kept_video_seconds']:.1f} s kept, {b['evicted_seconds']:.1f} s evicted "
+              f"({b['evicted_tokens']} of {b['transcript_tokens']} tokens)")
+        if b["recall_grids"]:
+            seen = ", ".join(f"{a:.1f}-{z:.1f} s" for a, z in s["recalled_s"]) or "none"
+            print(f"  Recall:                  {b['stored_seconds']:.1f} s of evicted video in host memory "
+                  f"({b['recall_host_bytes'] / 2**20:.1f} MiB); the question recalled {seen}")
+        if b["evicted_tokens"]:
+            print("  Video was evicted: the native answer saw all of it, so the two may differ; the exact\n"
+                  "  reference is the masked offline forward (Answer Agreement: masked_reference_*).")
     print("[Answer Agreement]")
     for k, v in agree.items():
         print(f"  {k:26s} {v}")
@@ -182,7 +222,9 @@ def print_report(s, n, agree, meta, exact):
           "  question's prefill on the cache (TTFT nearly flat in video length), the video is encoded once.\n"
           "  Native: one question about a finished clip, where encoding everything once at question time is\n"
           "  acceptable; it needs no state, but its TTFT and peak memory grow with the video.")
-    if exact:
+    if exact and s["budget"] is not None and s["budget"]["evicted_tokens"]:
+        print("  fp32 (TF32 off): the bounded stream must equal its masked offline reference to 1e-4.")
+    elif exact:
         print("  fp32 (TF32 off): stream and native must give identical greedy tokens and max |diff| <= 1e-4.")
     else:
         print("  Reduced precision: the two paths multiply matrices of different shapes and round differently;\n"
@@ -203,7 +245,7 @@ def run(argv=None) -> tuple[dict, int]:
     frames, fps = load_frames(video_path(), args.seconds, size=args.size)
     print(f"    Loaded {len(frames)} frames (fps={fps:.2f}, {frames[0].shape[1]}x{frames[0].shape[0]})")
     print("[2] Initializing streaming engine...")
-    engine, desc = load_engine(dtype, args.attn)
+    engine, desc = load_engine(dtype, args.attn, config=budget_config(args))
     print(f"    {desc}; VRAM after model load: {vram()}")
     print(f"[3] Streaming encoding ({args.chunk}-frame chunks), then [4] question: {args.question!r}")
     s, n, agree = compare(engine, frames, fps, args, repeats)
@@ -217,9 +259,14 @@ def run(argv=None) -> tuple[dict, int]:
             "seconds": args.seconds, "frames": len(frames), "question": args.question,
             "max_new_tokens": args.max_new_tokens, "repeats": repeats}
     print_report(s, n, agree, meta, exact)
-    ok = agree["identical_tokens"] and agree["max_abs_logit_diff"] <= 1e-4 if exact else True
-    if exact and not ok:
-        print("FAIL: in fp32 stream and native must agree (identical greedy tokens, max |diff| <= 1e-4)")
+    if "masked_reference_max_abs_diff" in agree:  # video was evicted: the masked forward is the reference
+        ok = agree["masked_reference_max_abs_diff"] <= 1e-4 if exact else True
+        if exact and not ok:
+            print("FAIL: in fp32 a bounded stream must equal its masked offline reference (max |diff| <= 1e-4)")
+    else:
+        ok = agree["identical_tokens"] and agree["max_abs_logit_diff"] <= 1e-4 if exact else True
+        if exact and not ok:
+            print("FAIL: in fp32 stream and native must agree (identical greedy tokens, max |diff| <= 1e-4)")
     results = {"meta": meta, "streaming": _jsonable(s), "native": _jsonable(n), "agreement": agree, "passed": ok}
     if args.plot:
         print(f"[5] Sweep for the plot: {args.sweep} s")
@@ -253,6 +300,17 @@ def test_stream_and_native_agree_in_fp32():
     results, code = run(["--seconds", "1", "--dtype", "float32", "--max-new-tokens", "6", "--repeats", "1"])
     assert code == 0, results["agreement"]
     assert results["streaming"]["cache_tokens"] > 0 and results["native"]["tokens"] > 0
+
+
+def test_a_bounded_stream_equals_its_masked_reference_and_the_report_shows_the_budget(capsys):
+    """With a budget that evicts, the report shows the budget and the stream equals its masked reference."""
+    results, code = run(["--seconds", "4", "--dtype", "float32", "--max-new-tokens", "2", "--repeats", "1",
+                         "--budget-tokens", "400"])
+    budget = results["streaming"]["budget"]
+    assert budget["evicted_tokens"] > 0 and results["streaming"]["cache_tokens"] <= 400
+    assert code == 0 and results["agreement"]["masked_reference_max_abs_diff"] <= 1e-4, results["agreement"]
+    out = capsys.readouterr().out
+    assert "Memory budget:" in out and "evicted" in out
 
 
 if __name__ == "__main__":

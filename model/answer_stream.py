@@ -16,6 +16,7 @@ import torch
 from .arguments import check_max_new_tokens
 from .decoding import Answer, Decoding
 from .prompt import decode
+from .recall import recalled
 from .text_stream import StreamerFeed, TextPieces, special_token_ids
 
 
@@ -80,6 +81,8 @@ def _pieces(holder: _Result, engine, question, update_state, max_new_tokens, sam
         if tail:
             yield tail
         holder.answer = finish_answer(engine, txn, decoding, first_logits, update_state, t0)
+        if update_state:
+            engine.kv.settle(txn)
         engine._open_stream = False
     except BaseException:
         engine._open_stream = False
@@ -110,8 +113,8 @@ def finish_answer(engine, txn, decoding: Decoding, first_logits: torch.Tensor, u
     if update_state:
         engine._stream.commit_answer(txn, decoding.tokens[decoding.fed:])
     engine._sync()
-    return Answer(decode(engine.tokenizer, decoding.tokens), decoding.tokens,
-                  decoding.ttft_s, time.perf_counter() - t0, decoding.finish_reason, first_logits)
+    return Answer(decode(engine.tokenizer, decoding.tokens), decoding.tokens, decoding.ttft_s,
+                  time.perf_counter() - t0, decoding.finish_reason, first_logits, recalled(txn.state.layout))
 
 
 def streamer_feed(streamer, tokenizer):

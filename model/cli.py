@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from .arguments import check_choices, check_question
+from .config import BUDGET_STATS, add_budget_arguments, budget_config
 from .live import LiveStream
 from .sources import URL_SCHEMES, open_video
 
@@ -57,6 +58,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help='scripted questions, one JSON object a line: {"t": 4.0, "question": "...", "choices": [...]}')
     p.add_argument("--json", default=None, metavar="OUT", help="write the answers and run details to this JSON file")
     p.add_argument("--max-new-tokens", type=int, default=128, help="longest free-text answer, in tokens (default 128)")
+    add_budget_arguments(p)
     return p.parse_args(argv)
 
 
@@ -122,14 +124,18 @@ def read_questions(path: str, report) -> tuple[list[Question], list[str]]:
     return sorted(questions, key=lambda q: q.t), skipped
 
 
+def _recalled_note(recalled) -> str:
+    return "; recalled " + ", ".join(f"{r.start_s:.1f}-{r.end_s:.1f} s" for r in recalled) if recalled else ""
+
+
 def ask(engine, q: Question, max_new_tokens: int, out) -> dict:
     """Answer ``q`` (choices scored, or text printed piece by piece to ``out``); the record's answer part."""
     if q.choices:
         r = engine.ask_choice(q.question, q.choices)
         scores = ", ".join(f"{c} {s:.2f}" for c, s in zip(r.choices, r.scores))
-        out.write(f"A: {r.best}  (log p: {scores}; {r.total_s:.3f} s)\n")
+        out.write(f"A: {r.best}  (log p: {scores}; {r.total_s:.3f} s{_recalled_note(r.recalled)})\n")
         return {"answer": r.best, "index": r.index, "scores": r.scores, "normalized_scores": r.normalized_scores,
-                "total_s": r.total_s}
+                "total_s": r.total_s, "recalled_s": [[x.start_s, x.end_s] for x in r.recalled]}
     out.write("A: ")
     with engine.ask_stream(q.question, max_new_tokens=max_new_tokens) as pieces:
         for piece in pieces:
@@ -137,8 +143,10 @@ def ask(engine, q: Question, max_new_tokens: int, out) -> dict:
             out.flush()
     a = pieces.answer
     ttft = pieces.first_piece_s if pieces.first_piece_s is not None else a.ttft_s
-    out.write(f"\n   (TTFT {ttft:.3f} s, {a.num_tokens} tokens in {a.total_s:.3f} s, {a.finish_reason})\n")
+    out.write(f"\n   (TTFT {ttft:.3f} s, {a.num_tokens} tokens in {a.total_s:.3f} s, {a.finish_reason}"
+              f"{_recalled_note(a.recalled)})\n")
     return {"answer": a.text, "tokens": a.num_tokens, "finish_reason": a.finish_reason, "ttft_s": a.ttft_s,
+            "recalled_s": [[x.start_s, x.end_s] for x in a.recalled],
             "first_piece_s": pieces.first_piece_s, "total_s": a.total_s}
 
 
@@ -148,7 +156,8 @@ def answer_record(engine, live: LiveStream, q: Question, max_new_tokens: int, ou
         stats = engine.stats()
         record = {"t": q.t, "question": q.question, "choices": q.choices, "video_s": p.video_s, "frames": p.frames,
                   "chunks": p.chunks, "after_end": q.t is not None and p.ended and q.t > p.video_s,
-                  "cache_tokens": stats["cache_tokens"], "cache_bytes": stats["cache_bytes"]}
+                  "cache_tokens": stats["cache_tokens"], "cache_bytes": stats["cache_bytes"],
+                  **({k: stats[k] for k in BUDGET_STATS} if stats["bounded"] else {})}
         if q.line is not None:
             record = {"line": q.line, **({"id": q.id} if q.id is not None else {}), **record}
         try:
@@ -185,8 +194,10 @@ class StatusLine:
         p, st = self.live.progress, self.engine.stats()
         end = f" | stopped: {type(p.error).__name__}: {p.error}" if p.error else " | source ended" if p.ended else ""
         chunk = "-" if p.last_chunk_ms is None else f"{p.last_chunk_ms:.0f} ms"
+        budget = (f" (budget {st['cache_budget_tokens'] or '-'} tok, kept {st['kept_video_seconds']:.1f}s, evicted "
+                  f"{st['evicted_seconds']:.1f}s)" if st["bounded"] else "")
         return (f"video {p.video_s:.1f}s | frames {p.frames} | dropped {p.dropped} | cache {st['cache_tokens']} tok "
-                f"{st['cache_bytes'] / 2 ** 20:.1f} MiB | chunk {chunk}{end}")
+                f"{st['cache_bytes'] / 2 ** 20:.1f} MiB{budget} | chunk {chunk}{end}")
 
     def start(self) -> None:
         if self.tty:
@@ -273,7 +284,7 @@ def setup(args):
     questions, skipped = [], []
     if args.questions:
         questions, skipped = read_questions(args.questions, lambda m: print(f"warning: {m}", file=sys.stderr))
-    engine, description = load_engine(args.model, args.dtype, args.device)
+    engine, description = load_engine(args.model, args.dtype, args.device, config=budget_config(args))
     return source, questions, skipped, engine, description
 
 

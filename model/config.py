@@ -11,6 +11,8 @@ import math
 from dataclasses import dataclass, fields
 from typing import Optional
 
+from .slot_layout import Budget
+
 
 def _is_int(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
@@ -33,6 +35,12 @@ class StreamConfig:
     choice_chunk_tokens: int = 128  # ask_choice: choice tokens per forward and per log-softmax chunk
     default_fps: float = 2.0  # fps of a video block whose first append gives none (a warning says so)
     attention_kernel: str = "auto"  # "auto": the live-length Triton kernel on CUDA when Triton imports; "triton"; "torch"
+    # Bounded memory (slot_layout.py): either limit (or both) turns it on; None: the cache grows with the stream.
+    cache_budget_tokens: Optional[int] = None  # kept tokens at most (text included); the oldest video goes first
+    video_window_seconds: Optional[float] = None  # kept video outside the sink at most, in seconds
+    sink_frames: int = 2  # the stream's first video frames, never evicted (rounded up to whole 2-frame grids)
+    recall_grids: int = 0  # evicted 2-frame grids a question may bring back from host memory (0: no recall)
+    recall_host_tokens: int = 262_144  # evicted tokens kept in host memory for recall (the oldest dropped beyond)
 
     def __post_init__(self) -> None:
         for name in ("fast", "cuda_graphs", "vision_graphs"):
@@ -54,6 +62,28 @@ class StreamConfig:
         fps = self.default_fps
         if isinstance(fps, bool) or not isinstance(fps, (int, float)) or not math.isfinite(fps) or fps <= 0:
             raise ValueError(f"StreamConfig.default_fps must be a positive finite number, got {fps!r}")
+        budget = self.cache_budget_tokens
+        if budget is not None and (not _is_int(budget) or budget < 1):
+            raise ValueError(f"StreamConfig.cache_budget_tokens must be None or an int >= 1, got {budget!r}")
+        window = self.video_window_seconds
+        if window is not None and (isinstance(window, bool) or not isinstance(window, (int, float))
+                                   or not math.isfinite(window) or window <= 0):
+            raise ValueError(f"StreamConfig.video_window_seconds must be None or a positive number, got {window!r}")
+        if not _is_int(self.sink_frames) or self.sink_frames < 0:
+            raise ValueError(f"StreamConfig.sink_frames must be an int >= 0, got {self.sink_frames!r}")
+        for name in ("recall_grids", "recall_host_tokens"):
+            if not _is_int(getattr(self, name)) or getattr(self, name) < 0:
+                raise ValueError(f"StreamConfig.{name} must be an int >= 0, got {getattr(self, name)!r}")
+        if self.recall_grids and budget is None and window is None:
+            raise ValueError("StreamConfig.recall_grids recalls evicted video: it needs cache_budget_tokens or "
+                             "video_window_seconds")
+
+    def budget(self) -> Optional[Budget]:
+        """The memory budget of a bounded stream, or None (unbounded)."""
+        if self.cache_budget_tokens is None and self.video_window_seconds is None:
+            return None
+        return Budget(self.cache_budget_tokens, self.video_window_seconds, -(-self.sink_frames // 2),
+                      self.recall_grids, self.recall_host_tokens)
 
     def replace(self, **changes) -> "StreamConfig":
         """A validated copy with ``changes`` (unknown names raise TypeError)."""
@@ -70,3 +100,30 @@ def resolve_config(config: Optional[StreamConfig], **overrides) -> StreamConfig:
         raise TypeError(f"config must be a StreamConfig, got {type(config).__name__}")
     base = config or StreamConfig()
     return base.replace(**{k: v for k, v in overrides.items() if v is not None}) if overrides else base
+
+
+# What stats() reports about a memory budget (the CLI and step 6 show these when one is set).
+BUDGET_STATS = ("cache_budget_tokens", "video_window_seconds", "sink_frames", "transcript_tokens",
+                "kept_video_seconds", "evicted_seconds", "evicted_grids", "evicted_tokens", "recall_grids",
+                "stored_seconds", "recall_host_bytes")
+
+
+def add_budget_arguments(parser) -> None:
+    """The memory-budget flags of the command-line tools (``python -m model``, step 6)."""
+    g = parser.add_argument_group("memory budget (a bounded stream; see README 'Bounded memory')")
+    g.add_argument("--budget-tokens", type=int, default=None, metavar="N",
+                   help="keep at most N cached tokens: the oldest video (outside the sink) is evicted")
+    g.add_argument("--window-seconds", type=float, default=None, metavar="S",
+                   help="keep at most S seconds of video outside the sink")
+    g.add_argument("--sink-frames", type=int, default=2, metavar="F",
+                   help="the first F frames are never evicted (default 2)")
+    g.add_argument("--recall-grids", type=int, default=0, metavar="K",
+                   help="each question brings back the K most relevant evicted 2-frame grids (default 0: off)")
+
+
+def budget_config(args) -> Optional[StreamConfig]:
+    """The ``StreamConfig`` the budget flags ask for (validated), or None when no budget is set."""
+    if args.budget_tokens is None and args.window_seconds is None:
+        return None
+    return StreamConfig(cache_budget_tokens=args.budget_tokens, video_window_seconds=args.window_seconds,
+                        sink_frames=args.sink_frames, recall_grids=args.recall_grids)

@@ -29,7 +29,8 @@ import torch
 
 from . import compat
 from .config import StreamConfig
-from .kv_cache_manager import CacheView, KVCacheManager, StreamKVCache
+from .kv_cache import CacheView, StreamKVCache
+from .kv_cache_manager import KVCacheManager
 from .masks import StreamMask, static_causal_mask
 
 _CAPTURE_LOCK = threading.Lock()  # one capture at a time in the process (not a setting)

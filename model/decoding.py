@@ -35,6 +35,7 @@ class Answer:
     total_s: float  # question arrival -> last answer token
     finish_reason: str  # "stop" (end-of-turn token) or "length" (max_new_tokens)
     first_logits: Optional[torch.Tensor] = field(default=None, repr=False)  # (V,) float32 logits of token 1
+    recalled: tuple = ()  # recall.Recalled grids of evicted video this answer saw again (bounded streams)
 
     @property
     def num_tokens(self) -> int:
@@ -59,6 +60,7 @@ class ChoiceResult:
     normalized_scores: list[float]  # scores / number of tokens of each choice
     choices: list[str]
     total_s: float
+    recalled: tuple = ()  # recall.Recalled grids of evicted video the scores saw again (bounded streams)
 
     @property
     def best_normalized(self) -> str:

@@ -90,6 +90,8 @@ def _stream_kernels(query, key, value, spec: StreamMask, scaling):
 def text_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """query (B, Hq, n, D), key/value (B, Hkv, L, D) -> ((B, n, Hq, D), None)."""
     if isinstance(attention_mask, StreamMask):
+        if attention_mask.on_query is not None:
+            attention_mask.on_query(module.layer_idx, query)
         scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
         return _stream_kernels(query, key, value, attention_mask, scaling), None
     return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)

@@ -1,9 +1,8 @@
 """The KV cache of one stream and its lifecycle: transactions, O(1) snapshots, clone, clear.
 
-``StreamKVCache`` holds the buffers: per layer K and V of shape (1, H_kv, capacity, D),
-allocated with explicit shapes and grown geometrically, all layers at once or not at all.
-It holds no length: a forward writes a segment at an explicit start (``view``), so writes past
-the committed length are invisible until they are committed.
+``StreamKVCache`` (``kv_cache.py``) holds the buffers and no length: a forward writes a segment
+at an explicit start (``view``), so writes past the committed length are invisible until they
+are committed.
 
 ``KVCacheManager`` owns the committed head: one immutable state record whose
 ``last_cache_position`` is the cache length (the stream's ``StreamState``; any frozen dataclass
@@ -15,6 +14,11 @@ with that field). Only the manager changes the length:
 - ``snapshot()``/``restore()``/``discard_snapshot()`` keep a stack of heads for callers that
   want nested save points; ``rollback(length)`` truncates.
 Snapshots and restores are O(1) and copy nothing: tokens are only ever written past the length.
+
+With a memory ``Budget`` the head also holds a ``slot_layout.SlotLayout``: a forward writes into
+slots free in every reachable head (``slot_view``), and ``settle(txn)``, a transaction's last
+step before its commit, evicts the oldest video to fit the budget. The length then counts every
+token of the transcript; the kept ones are ``layout.kept``.
 """
 from __future__ import annotations
 
@@ -23,7 +27,9 @@ from typing import Any, Callable, Optional
 
 import torch
 
-Buffers = tuple  # ((K, V), ...) per layer, each (1, H_kv, capacity, D); replaced whole, never mutated in length
+from .kv_cache import CacheView, StreamKVCache
+from .recall import RecallStore
+from .slot_layout import Budget, SlotLayout, free_slots
 
 
 def _nothing() -> None:
@@ -35,103 +41,7 @@ class CacheState:
     """The smallest head: just the length (streams use their richer ``StreamState``)."""
 
     last_cache_position: int = 0
-
-
-class StreamKVCache:
-    """Per-layer K/V buffers of one stream, with explicit shapes."""
-
-    def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, dtype=torch.float32, device="cpu",
-                 grow_min: int = 1024, initial_capacity: int = 0):
-        self.shape = (num_layers, num_kv_heads, head_dim)
-        self.dtype, self.device = dtype, torch.device(device)
-        self.grow_min, self.initial_capacity = grow_min, initial_capacity
-        self.buffers: Buffers = ()  # graphs compare this tuple by identity to know when to re-capture
-        self.allocations = 0
-
-    @property
-    def num_layers(self) -> int:
-        return self.shape[0]
-
-    @property
-    def capacity(self) -> int:
-        return self.buffers[0][0].shape[2] if self.buffers else 0
-
-    def reserve(self, n_tokens: int, keep: int) -> None:
-        """Make room for ``n_tokens``, copying the first ``keep``. All layers are allocated before any
-        is swapped in: an allocation failure (out of memory) leaves the old buffers untouched."""
-        if n_tokens <= self.capacity:
-            return
-        layers, h, d = self.shape
-        new = []
-        for i in range(layers):
-            k = torch.zeros(1, h, n_tokens, d, dtype=self.dtype, device=self.device)  # zeros: graphs read the
-            v = torch.zeros(1, h, n_tokens, d, dtype=self.dtype, device=self.device)  # whole buffer (masked)
-            if keep:
-                k[:, :, :keep].copy_(self.buffers[i][0][:, :, :keep])
-                v[:, :, :keep].copy_(self.buffers[i][1][:, :, :keep])
-            new.append((k, v))
-        self.buffers = tuple(new)
-        self.allocations += 1
-
-    def ensure(self, n_tokens: int, keep: int) -> None:
-        """Room for ``n_tokens``: the first allocation takes max(n, initial_capacity, grow_min), later ones x1.5."""
-        cap = self.capacity
-        if n_tokens <= cap:
-            return
-        grown = max(cap + cap // 2, cap + self.grow_min) if cap else max(self.initial_capacity, self.grow_min)
-        self.reserve(max(n_tokens, grown), keep)
-
-    def layer(self, i: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(1, H_kv, length, D) views of layer i's keys and values."""
-        k, v = self.buffers[i]
-        return k[:, :, :length], v[:, :, :length]
-
-    def view(self, start: int) -> "CacheView":
-        return CacheView(self.buffers, start)
-
-    def nbytes(self, length: int) -> int:
-        """Bytes of the first ``length`` tokens of all K/V buffers."""
-        layers, h, d = self.shape
-        return 2 * layers * h * d * length * self.buffers[0][0].element_size() if self.buffers else 0
-
-    def reserved_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for kv in self.buffers for t in kv)
-
-    def clone(self, length: int) -> "StreamKVCache":
-        other = StreamKVCache(*self.shape, dtype=self.dtype, device=self.device, grow_min=self.grow_min,
-                              initial_capacity=self.initial_capacity)
-        if self.buffers:
-            other.buffers = tuple((k[:, :, :length].clone(), v[:, :, :length].clone()) for k, v in self.buffers)
-        return other
-
-
-class CacheView:
-    """What transformers' attention layers see during one forward: ``update`` and ``get_seq_length``.
-
-    Dynamic form (``start``): the segment's K/V go to [start, start+n) and attention gets views of
-    [0, start+n). Static form (``index``, CUDA graphs): K/V go to the device indices ``index`` and
-    attention gets the whole buffers (a mask hides what a row must not see).
-    """
-
-    def __init__(self, buffers: Buffers, start: int, index: Optional[torch.Tensor] = None):
-        self.buffers, self.start, self.index = buffers, start, index
-
-    # 4.57 passes cache_kwargs positionally, 5.x as a keyword
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
-        """(1, H_kv, n, D) new K/V -> (1, H_kv, keys, D) K and V to attend over."""
-        k, v = self.buffers[layer_idx]
-        if self.index is not None:
-            k.index_copy_(2, self.index, key_states)
-            v.index_copy_(2, self.index, value_states)
-            return k, v
-        end = self.start + key_states.shape[2]
-        assert end <= k.shape[2], f"segment ends at {end}, past the capacity {k.shape[2]}: call ensure() first"
-        k[:, :, self.start:end].copy_(key_states)
-        v[:, :, self.start:end].copy_(value_states)
-        return k[:, :, :end], v[:, :, :end]
-
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        return self.start
+    layout: Optional[SlotLayout] = None
 
 
 class Transaction:
@@ -145,8 +55,14 @@ class Transaction:
     def length(self) -> int:
         return self.state.last_cache_position
 
-    def wrote(self, n: int, **changes) -> None:
-        """A forward wrote n tokens at ``length``: advance the working length (and other state fields)."""
+    def wrote(self, n: int, slots: Optional[torch.Tensor] = None, grids: int = 0, seconds_per_grid: float = 0.0,
+              **changes) -> None:
+        """A forward wrote n tokens at ``length``: advance the working length (and other state fields).
+
+        Bounded streams: ``slots`` (n,) where they went; ``grids`` > 0 if they are that many video grids.
+        """
+        if slots is not None:
+            changes["layout"] = self.state.layout.add(self.length, slots, grids, seconds_per_grid)
         self.state = replace(self.state, last_cache_position=self.length + n, **changes)
 
     def update(self, **changes) -> None:
@@ -162,9 +78,13 @@ class KVCacheManager:
     """A ``StreamKVCache`` plus the committed head, transactions and a stack of O(1) snapshots."""
 
     def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, dtype=torch.float32, device="cpu",
-                 initial_state: Any = None, grow_min: int = 1024, initial_capacity: int = 0):
+                 initial_state: Any = None, grow_min: int = 1024, initial_capacity: int = 0,
+                 budget: Optional[Budget] = None):
         self.cache = StreamKVCache(num_layers, num_kv_heads, head_dim, dtype, device, grow_min, initial_capacity)
-        self.initial_state = initial_state if initial_state is not None else CacheState()
+        self.budget = budget
+        self.recall = RecallStore() if budget is not None and budget.recall_grids else None
+        state = initial_state if initial_state is not None else CacheState()
+        self.initial_state = replace(state, layout=SlotLayout()) if budget is not None else state
         assert self.initial_state.last_cache_position == 0, self.initial_state
         self._state = self.initial_state
         self._snapshots: list = []
@@ -187,8 +107,64 @@ class KVCacheManager:
 
     def view(self, txn: Transaction, n: int) -> CacheView:
         """Where a forward of n tokens writes: right after the working head."""
+        assert self.budget is None, "a bounded stream writes through slot_view()"
         self.ensure(txn, n)
         return self.cache.view(txn.length)
+
+    # -- bounded streams ---------------------------------------------------------------
+    @property
+    def bounded(self) -> bool:
+        return self.budget is not None
+
+    def _taken(self, txn: Transaction) -> torch.Tensor:
+        """(capacity,) bool CPU: slots holding tokens of the working head, the committed one or a snapshot."""
+        cap = self.cache.capacity
+        taken = txn.state.layout.visible(cap) | self._state.layout.visible(cap) | txn.base.layout.visible(cap)
+        for snap in self._snapshots:
+            taken = taken | snap.layout.visible(cap)
+        return taken
+
+    def slot_view(self, txn: Transaction, n: int) -> tuple[CacheView, torch.Tensor]:
+        """Where a bounded stream's forward of n tokens writes -> (view, (n,) int64 device slots).
+
+        Slots free in every reachable head, lowest first (the cache grows when too few are free).
+        One call may add at most the token budget (so a bounded cache never holds more than twice it).
+        """
+        added = txn.length + n - self._state.last_cache_position
+        if self.budget.tokens is not None and added > self.budget.tokens:
+            raise ValueError(f"this call adds {added} tokens to the cache, more than StreamConfig.cache_budget_tokens="
+                             f"{self.budget.tokens}: append fewer frames per call (or raise the budget)")
+        index = self.allocate(txn, n)
+        return CacheView(self.cache.buffers, txn.length, index), index
+
+    def allocate(self, txn: Transaction, n: int) -> torch.Tensor:
+        """(n,) int64 device slots free in every reachable head, lowest first (grows the cache if needed)."""
+        slots = free_slots(self._taken(txn), n)
+        if slots is None:
+            cap = self.cache.capacity
+            self.cache.ensure(cap + n, keep=cap)  # scattered slots: keep the whole buffers
+            slots = free_slots(self._taken(txn), n)
+        return slots.to(self.cache.device)
+
+    def settle(self, txn: Transaction) -> None:
+        """A transaction's last step before its commit: evict what the budget requires (bounded streams).
+
+        Raises ValueError (nothing evicted, nothing committed) when the budget cannot be met.
+        """
+        if self.budget is not None:
+            layout, evicted = txn.state.layout.evict(self.budget)
+            if self.recall is not None:
+                self.recall.keep(evicted, self.cache, [txn.state, self._state, *self._snapshots])
+            txn.update(layout=layout)
+
+    def reserve(self, tokens: int) -> None:
+        """Room for ``tokens`` cached tokens in all (a bounded stream keeps its whole buffers when growing)."""
+        self.cache.reserve(tokens, keep=self.cache.capacity if self.bounded else self.get_seq_length())
+
+    def kept(self, state: Any = None) -> int:
+        """Tokens in the cache of ``state`` (default: the head): its length, or its kept tokens when bounded."""
+        state = state if state is not None else self._state
+        return state.layout.kept if self.bounded else state.last_cache_position
 
     def commit(self, txn: Transaction, result: Any = None, then: Callable[[], None] = _nothing) -> Any:
         """Publish the transaction's head in one assignment, call ``then`` (e.g. a C lock release), return ``result``.
@@ -199,10 +175,15 @@ class KVCacheManager:
         if txn.base is not self._state:
             raise RuntimeError("commit() of a transaction that did not start from the current head "
                                "(another commit, restore or clear came in between)")
+        assert self.budget is None or self.budget.tokens is None or txn.state.layout.kept <= self.budget.tokens, (
+            f"commit of {txn.state.layout.kept} kept tokens over the budget {self.budget}: settle(txn) first")
         self._state = txn.state; then(); return result  # noqa: E702  (one line: no line event after publishing)
 
     def rollback(self, length: int) -> None:
         """Truncate the cache to its first ``length`` tokens (the rest of the head unchanged)."""
+        if self.bounded:
+            raise ValueError("rollback(length) truncates a contiguous cache; a bounded stream (cache budget) "
+                             "keeps scattered slots: use snapshot()/restore() instead")
         if not 0 <= length <= self.get_seq_length():
             raise ValueError(f"rollback({length}) outside [0, {self.get_seq_length()}]")
         self._state = replace(self._state, last_cache_position=length)
@@ -234,9 +215,11 @@ class KVCacheManager:
         """An independent deep copy of the cache and head (no snapshots)."""
         other = KVCacheManager(*self.cache.shape, dtype=self.cache.dtype, device=self.cache.device,
                                initial_state=self.initial_state, grow_min=self.cache.grow_min,
-                               initial_capacity=self.cache.initial_capacity)
-        other.cache = self.cache.clone(self.get_seq_length())
+                               initial_capacity=self.cache.initial_capacity, budget=self.budget)
+        other.cache = self.cache.clone(self.cache.capacity if self.bounded else self.get_seq_length())
         other._state = self._state
+        if self.recall is not None:
+            other.recall._grids = dict(self.recall._grids)  # host tensors are never written: shared
         return other
 
     def clear(self) -> None:
@@ -244,15 +227,20 @@ class KVCacheManager:
         # each step leaves a valid manager: empty head over old buffers, then no snapshots, then new buffers
         self._state = self.initial_state
         self._snapshots = []
+        self.recall = RecallStore() if self.recall is not None else None
         self.cache = StreamKVCache(*self.cache.shape, dtype=self.cache.dtype, device=self.cache.device,
                                    grow_min=self.cache.grow_min, initial_capacity=self.cache.initial_capacity)
 
     def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(1, H_kv, length, D) views of layer i's live keys and values."""
-        return self.cache.layer(i, self.get_seq_length())
+        """(1, H_kv, kept, D) layer i's live keys and values (views; copies in transcript order when bounded)."""
+        if not self.bounded:
+            return self.cache.layer(i, self.get_seq_length())
+        k, v = self.cache.buffers[i]
+        index = self._state.layout.slot_list.to(self.cache.device)
+        return k.index_select(2, index), v.index_select(2, index)
 
     def nbytes(self) -> int:
-        return self.cache.nbytes(self.get_seq_length())
+        return self.cache.nbytes(self.kept())
 
     def reserved_bytes(self) -> int:
         return self.cache.reserved_bytes()

@@ -17,8 +17,9 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def load_engine(model_path: Optional[str] = None, dtype: Optional[str] = None, device: Optional[str] = None,
-                attn_implementation: str = "sdpa", out: Optional[TextIO] = None):
+                attn_implementation: str = "sdpa", out: Optional[TextIO] = None, config=None):
     """(engine, description). ``dtype``: a name in ``DTYPES`` (default bf16 on a GPU, fp32 on CPU).
+    ``config``: the engine's ``StreamConfig`` (default settings if None).
 
     ``out``: where the random-weights banner goes (default: standard error at call time).
     """
@@ -40,7 +41,7 @@ def load_engine(model_path: Optional[str] = None, dtype: Optional[str] = None, d
             raise ValueError(f"Model not found: {path!r} (from {where}) is not a folder; "
                              "pass a local Qwen2.5-VL checkpoint folder")
         engine = VideoStreamInference.from_pretrained(path, device="cuda" if cuda else "cpu", dtype=torch_dtype,
-                                                      attn_implementation=attn_implementation)
+                                                      attn_implementation=attn_implementation, config=config)
         return engine, f"checkpoint {path}"
     from .testing import QWEN25_VL_3B_CONFIG, build_3b_processor, build_random_model, build_tiny_model
 
@@ -50,6 +51,6 @@ def load_engine(model_path: Optional[str] = None, dtype: Optional[str] = None, d
     if cuda:
         model = build_random_model(QWEN25_VL_3B_CONFIG, dtype=torch_dtype, device="cuda",
                                    attn_implementation=attn_implementation)
-        return VideoStreamInference(model, build_3b_processor()), f"random-weight {what}"
+        return VideoStreamInference(model, build_3b_processor(), config=config), f"random-weight {what}"
     model, processor = build_tiny_model(attn_implementation=attn_implementation)
-    return VideoStreamInference(model.to(torch_dtype), processor), f"random-weight {what}"
+    return VideoStreamInference(model.to(torch_dtype), processor, config=config), f"random-weight {what}"

@@ -5,6 +5,7 @@
 - ``tree_mask``: several choice branches packed after a shared prefix, each seeing the cache
   and its own earlier tokens;
 - ``static_causal_mask``: the graph form, a row per token over the whole preallocated capacity;
+- ``slot_mask``: a bounded stream's form, over scattered cache slots (``slot_layout.py``);
 - ``StreamMask``: what the fast attention kernels are handed instead of a tensor (the causal
   case needs no tensor at all: a bottom-right causal bias).
 Additive masks hold 0 where a key is visible and the dtype's minimum where it is not.
@@ -12,7 +13,7 @@ Additive masks hold 0 where a key is visible and the dtype's minimum where it is
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -34,6 +35,7 @@ class StreamMask:
     rows_max_scores: int = 96 * 2**20
     start: Optional[torch.Tensor] = None
     branches: Optional[torch.Tensor] = None  # (n,) int32 where each token's branch starts (a tree), with ``start``
+    on_query: Optional[Callable] = None  # recall's probe: called (layer index, (B, H_q, n, D) rotated queries)
 
 
 def causal_mask(past: int, n: int, dtype, device) -> torch.Tensor:
@@ -71,3 +73,19 @@ def static_causal_mask(index: torch.Tensor, columns: torch.Tensor, zero: torch.T
     a 0-d tensor of the model dtype; no host sync, so it can run inside a CUDA graph.
     """
     return torch.where(columns[None, :] <= index[:, None], zero, torch.finfo(zero.dtype).min)[None, None]
+
+
+def slot_mask(visible: torch.Tensor, slots: torch.Tensor, lengths: Optional[list[int]], dtype) -> torch.Tensor:
+    """(1, 1, n, capacity) additive mask for n new tokens written at (n,) ``slots`` of a slot cache.
+
+    ``visible`` (capacity,) bool: the slots of kept tokens, all visible. Among the new tokens:
+    causal in their order, or, with ``lengths``, choice branches (each sees its own earlier tokens).
+    """
+    n, device = slots.numel(), slots.device
+    if lengths is None:
+        own = torch.ones(n, n, dtype=torch.bool, device=device).tril()
+    else:
+        own = tree_mask(0, lengths, torch.float32, device)[0, 0] == 0  # (n, n) bool
+    allowed = visible.to(device)[None, :].repeat(n, 1)  # (n, capacity)
+    allowed[:, slots] = own
+    return torch.zeros(n, visible.numel(), dtype=dtype, device=device).masked_fill_(~allowed, torch.finfo(dtype).min)[None, None]

@@ -107,9 +107,11 @@ def chat_segments(processor, question: str, video: Any = None, fps: float = 2.0,
             ("text", tail)]
 
 
-def _forward(model, inputs: NativeInputs, cache, logits_to_keep: int):
+def _forward(model, inputs: NativeInputs, cache, logits_to_keep: int, attention_mask=None):
     kw = dict(input_ids=inputs.input_ids, logits_to_keep=logits_to_keep,
               position_ids=inputs.positions.to(model.device)[:, None])  # (3, 1, T)
+    if attention_mask is not None:
+        kw["attention_mask"] = attention_mask  # (1, 1, T, T) additive: used as given
     if inputs.pixel_values_videos is not None:
         kw.update(pixel_values_videos=inputs.pixel_values_videos, video_grid_thw=inputs.video_grid_thw,
                   second_per_grid_ts=torch.tensor(inputs.second_per_grid_ts, device=model.device))
@@ -123,6 +125,37 @@ def _forward(model, inputs: NativeInputs, cache, logits_to_keep: int):
 def native_logits(model, inputs: NativeInputs, all_tokens: bool = False) -> torch.Tensor:
     """(1, T|1, V) float32 logits of a one-shot offline prefill."""
     return _forward(model, inputs, compat.new_dynamic_cache(model.config), 0 if all_tokens else 1)
+
+
+def bounded_visibility(num_tokens: int, calls: Sequence[tuple[int, int, Sequence[tuple[int, int]]]]) -> torch.Tensor:
+    """(T, T) bool: what each transcript token of a bounded stream attended to.
+
+    ``calls``: per call that wrote tokens, (start, end, kept): its transcript tokens [start, end)
+    and the (index, length) ranges the cache kept when the call began (``SlotLayout.kept_ranges``).
+    Token i of a call sees token j <= i if j was kept when the call began or j is the call's own.
+    Tokens in no call see every earlier token (plain causal).
+    """
+    visible = torch.ones(num_tokens, num_tokens, dtype=torch.bool).tril()
+    for start, end, kept in calls:
+        row = torch.zeros(num_tokens, dtype=torch.bool)
+        for s, n in kept:
+            row[s:s + n] = True
+        row[start:] = True
+        visible[start:end] &= row[None, :]
+    return visible
+
+
+@torch.no_grad()
+def masked_logits(model, inputs: NativeInputs, visible: torch.Tensor, all_tokens: bool = False) -> torch.Tensor:
+    """(1, T|1, V) float32 logits of one offline prefill in which token i attends to j iff ``visible[i, j]``.
+
+    The exact reference of a bounded stream (with ``bounded_visibility``): the same transcript and
+    positions as ``native_logits``, only the attention mask restricted.
+    """
+    dtype = model.dtype
+    mask = torch.zeros(visible.shape, dtype=dtype).masked_fill_(~visible, torch.finfo(dtype).min)
+    return _forward(model, inputs, compat.new_dynamic_cache(model.config), 0 if all_tokens else 1,
+                    attention_mask=mask[None, None].to(model.device))
 
 
 @dataclass

@@ -65,12 +65,12 @@ def video_path() -> Optional[str]:
     return _env_path("VIDEO_PATH", os.path.isfile, "the synthetic video", "Cannot open video")
 
 
-def load_engine(dtype: Optional[str] = None, attn_implementation: str = "sdpa"):
+def load_engine(dtype: Optional[str] = None, attn_implementation: str = "sdpa", config=None):
     """(engine, description) for the step scripts: ``loading.load_engine`` with its banner in the report."""
     from .loading import load_engine as load
 
     model_path()  # says "not set" in the report, or raises for a path that does not exist
-    return load(None, dtype, None, attn_implementation, out=sys.stdout)
+    return load(None, dtype, None, attn_implementation, out=sys.stdout, config=config)
 
 
 def main(title: str, checks: list[Callable[[], None]]) -> None:

@@ -59,7 +59,7 @@ def _tree_scores(stream, txn: Transaction, branches: list[list[int]]) -> list[fl
     lengths = [len(ids) - 1 for ids in branches]
     flat = [t for ids in branches for t in ids[:-1]]
     pos = torch.cat([text_positions(txn.state.next_position, n) for n in lengths], dim=1)  # (3, L)
-    logits = stream.feed_ids(txn.fork(), flat, "all", positions=pos, mask=stream.tree(txn.length, lengths))[0]  # (L, V)
+    logits = stream.feed_ids(txn.fork(), flat, "all", positions=pos, tree=lengths)[0]  # (L, V)
     logp = _gather(logits, [t for ids in branches for t in ids[1:]])
     return [float(part.sum()) for part in logp.split(lengths)]
 

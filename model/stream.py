@@ -20,16 +20,18 @@ from .cuda_graphs import GraphRunner, VisionGraphs
 from .fast_attention import backends, live_length_kernel, vision_varlen_supported
 from .frames import pad_to_temporal_patch, patchify, resize_frames, target_size
 from .kv_cache_manager import KVCacheManager, Transaction
-from .masks import StreamMask, branch_starts, causal_mask, tree_mask
+from .masks import StreamMask, branch_starts, causal_mask, slot_mask, tree_mask
 from .positions import next_start, text_positions, vision_positions
 from .prompt import VISION_END, VISION_START, encode
+from .recall import bring_back
+from .slot_layout import SlotLayout
 
 
 @dataclass(frozen=True)
 class StreamState:
     """Everything that describes a stream besides the cache tensors. Immutable: update with ``replace``."""
 
-    last_cache_position: int = 0  # tokens in the cache (moved only by the KVCacheManager)
+    last_cache_position: int = 0  # tokens in the transcript so far: all in the cache unless bounded (moved only by the KVCacheManager)
     next_position: int = 0  # first free M-RoPE position (max so far + 1)
     block_start: Optional[int] = None  # M-RoPE start of the open vision block, None if closed
     next_t_index: int = 0  # next temporal-grid index g inside the open block
@@ -37,6 +39,7 @@ class StreamState:
     turn_open: bool = False  # a user turn has been started and not yet answered
     frame_size: Optional[tuple[int, int]] = None  # (H, W) of the open video block (fixed by its first frame)
     pending_frame: Optional[torch.Tensor] = None  # (3, H, W) odd frame held until its pair arrives
+    layout: Optional[SlotLayout] = None  # bounded streams: which slots hold which kept tokens (slot_layout.py)
     fps: Optional[float] = None  # of the open (or last) video block
     frames_seen: int = 0
     video_seconds: float = 0.0
@@ -57,12 +60,14 @@ class Stream:
         self.video_pixels, self.image_pixels = video_pixels, image_pixels
         self.kv = KVCacheManager(*model.kv_shape(), dtype=model.dtype, device=model.device,
                                  initial_state=StreamState(), grow_min=config.grow_min,
-                                 initial_capacity=config.initial_capacity)
+                                 initial_capacity=config.initial_capacity, budget=config.budget())
         self.fast = config.fast and model.stream_kernels
-        self.live_kernel = live_length_kernel(config.attention_kernel, self.fast, model.device)
+        # A bounded stream's cache is scattered slots: dense slot masks, no live-length kernel, no LM graphs.
+        bounded = self.kv.bounded
+        self.live_kernel = not bounded and live_length_kernel(config.attention_kernel, self.fast, model.device)
         graphs = self.fast and model.device.type == "cuda"
         self.runner = (GraphRunner(model, self.kv, config, live_kernel=self.causal if self.live_kernel else None)
-                       if graphs and config.cuda_graphs else None)
+                       if graphs and config.cuda_graphs and not bounded else None)
         varlen_graphs = graphs and config.vision_graphs and self.varlen
         self.vision_graphs = VisionGraphs(model) if varlen_graphs else None
 
@@ -75,25 +80,33 @@ class Stream:
 
     # -- segments ----------------------------------------------------------------------
     def _forward(self, txn: Transaction, kind: str, inputs: torch.Tensor, positions: torch.Tensor,
-                 logits: str, mask=None) -> Optional[torch.Tensor]:
+                 logits: str, tree: Optional[list[int]] = None, grids: int = 0, on_query=None) -> Optional[torch.Tensor]:
         """Write one segment after the working head and advance it; graph or eager is decided here.
 
-        kind "ids": (n,) token ids; "embeds": (1, n, D). positions (3, n). Returns (1, n|1, V) or None.
+        kind "ids": (n,) token ids; "embeds": (1, n, D). positions (3, n). ``tree``: the segment is
+        choice branches of these lengths (``tree``), else causal after the cache. ``grids``: it is
+        that many video grids (what a bounded stream may evict). ``on_query``: recall's probe (bounded
+        streams). Returns (1, n|1, V) or None.
         """
         n = inputs.shape[0] if kind == "ids" else inputs.shape[1]
-        graph_fits = logits != "all" and (kind == "ids" or logits == "none") and mask is None  # graphs return these
-        rows = self.runner.rows(kind, n) if self.runner is not None and graph_fits else None
-        out = None
-        if rows is not None:
-            self.kv.ensure(txn, rows)
-            out = self.runner.run(kind, txn.length, inputs, positions)  # None: no graph could be captured
+        slots, out = None, None
+        if self.kv.bounded:
+            view, slots = self.kv.slot_view(txn, n)
+            mask = self.bounded_mask(txn, slots, tree, on_query)
+        else:
+            graph_fits = logits != "all" and (kind == "ids" or logits == "none") and tree is None  # graphs return these
+            rows = self.runner.rows(kind, n) if self.runner is not None and graph_fits else None
+            if rows is not None:
+                self.kv.ensure(txn, rows)
+                out = self.runner.run(kind, txn.length, inputs, positions)  # None: no graph could be captured
+            if out is None:
+                view = self.kv.view(txn, n)
+                mask = self.causal(txn.length, n, self.model.dtype) if tree is None else self.tree(txn.length, tree)
         if out is None:
-            view = self.kv.view(txn, n)
             embeds = self.model.embed_ids(inputs) if kind == "ids" else inputs
-            if mask is None:
-                mask = self.causal(txn.length, n, embeds.dtype)
             out = self.model.forward_segment(view, embeds, positions, mask, logits=logits)
-        txn.wrote(n, next_position=max(txn.state.next_position, next_start(positions)))
+        txn.wrote(n, slots=slots, grids=grids, seconds_per_grid=txn.state.second_per_grid_t or 0.0,
+                  next_position=max(txn.state.next_position, next_start(positions)))
         return out if logits != "none" else None
 
     def causal(self, past: int, n: int, dtype, start: Optional[torch.Tensor] = None):
@@ -117,18 +130,28 @@ class Stream:
         dense = tree_mask(past, lengths, self.model.dtype, device)  # (1, 1, L, past+L)
         return StreamMask(past, dense, cfg.fold_max_rows, cfg.rows_max_scores) if self.fast else dense
 
+    def bounded_mask(self, txn: Transaction, slots: torch.Tensor, tree: Optional[list[int]] = None, on_query=None):
+        """A bounded stream's mask for new tokens at (n,) ``slots``: the working head's kept slots, then
+        causal (or ``tree`` branches) among the new ones; (1, 1, n, capacity), in this stream's form."""
+        cap = self.kv.cache.capacity
+        dense = slot_mask(txn.state.layout.visible(cap, self.model.device), slots, tree, self.model.dtype)
+        cfg = self.config
+        if not self.fast and on_query is None:
+            return dense
+        return StreamMask(txn.length, dense, cfg.fold_max_rows, cfg.rows_max_scores, on_query=on_query)
+
     def feed_ids(self, txn: Transaction, ids: list[int], logits: str = "none", positions: Optional[torch.Tensor] = None,
-                 mask=None) -> Optional[torch.Tensor]:
+                 tree: Optional[list[int]] = None, on_query=None) -> Optional[torch.Tensor]:
         """Append text token ids, at the next free positions unless (3, n) ``positions`` are given.
 
-        ``mask``: another mask than causal-after-the-cache (e.g. ``tree`` for choice branches).
+        ``tree``: the ids are choice branches of these lengths packed one after another.
         """
         if not ids:
             return None
         if positions is None:
             positions = text_positions(txn.state.next_position, len(ids))
         return self._forward(txn, "ids", torch.tensor(ids, dtype=torch.long, device=self.model.device), positions,
-                             logits, mask)
+                             logits, tree, on_query=on_query)
 
     def feed_text(self, txn: Transaction, text: str, logits: str = "none") -> Optional[torch.Tensor]:
         """Append trusted template text (never user text: see ``prompt.encode_user_text``)."""
@@ -147,7 +170,8 @@ class Stream:
                                second_per_grid_t=st.second_per_grid_t,
                                tokens_per_second=self.model.config.vision_config.tokens_per_second)
         assert pos.shape[1] == embeds.shape[0], f"{pos.shape[1]} positions for {embeds.shape[0]} embeddings"
-        self._forward(txn, "embeds", embeds[None].to(self.model.dtype), pos, "none")  # (1, n, D)
+        video = bool(st.second_per_grid_t)  # an image block has 0: never evicted
+        self._forward(txn, "embeds", embeds[None].to(self.model.dtype), pos, "none", grids=grid[0] if video else 0)
         txn.update(next_t_index=st.next_t_index + grid[0])
 
     def add_video_frames(self, txn: Transaction, frames: torch.Tensor) -> int:
@@ -225,7 +249,8 @@ class Stream:
         self.close_block(txn, encode(self.tokenizer, VISION_START))
         txn.update(block_start=txn.state.next_position, next_t_index=0, second_per_grid_t=second_per_grid_t)
 
-    def close_block(self, txn: Transaction, then_ids: list[int] = (), logits: str = "none") -> Optional[torch.Tensor]:
+    def close_block(self, txn: Transaction, then_ids: list[int] = (), logits: str = "none",
+                    on_query=None) -> Optional[torch.Tensor]:
         """Close an open video block and feed ``then_ids`` in the same segment (one forward, not two).
 
         A held odd frame is encoded padded first (the last frame repeated, as the processor pads).
@@ -238,10 +263,15 @@ class Stream:
                                  self.video_pixels)
             txn.update(block_start=None, next_t_index=0, second_per_grid_t=None, pending_frame=None, frame_size=None)
             ids = encode(self.tokenizer, VISION_END) + ids
-        return self.feed_ids(txn, ids, logits=logits) if ids else None
+        return self.feed_ids(txn, ids, logits=logits, on_query=on_query) if ids else None
 
     def open_question(self, txn: Transaction, question: str) -> torch.Tensor:
-        """Close the block and feed the question + assistant header; returns (1, V) logits of the next token."""
+        """Close the block and feed the question + assistant header; returns (1, V) logits of the next token.
+
+        A bounded stream with recall first brings back the evicted grids most relevant to the question.
+        """
+        if self.kv.recall is not None and txn.state.layout.stored:
+            bring_back(self, txn, question)
         self.ensure_turn(txn)
         return self.close_block(txn, self.pieces.question_ids(self.tokenizer, question), logits="last")[:, -1]
 
@@ -252,16 +282,32 @@ class Stream:
 
     def stats(self, st: StreamState) -> dict:
         """Numbers of the committed state ``st`` (one immutable record: consistent without a lock) and backends."""
+        kept = self.kv.kept(st)
         return {
-            "cache_tokens": st.last_cache_position, "cache_bytes": self.kv.cache.nbytes(st.last_cache_position),
+            "cache_tokens": kept, "cache_bytes": self.kv.cache.nbytes(kept), **self._budget_stats(st),
             "cache_reserved_bytes": self.kv.reserved_bytes(), "frames_seen": st.frames_seen,
             "pending_frames": int(st.pending_frame is not None), "video_seconds": st.video_seconds,
             "chunks": st.chunks, "turns": st.turns, "next_position": st.next_position,
             "rope_deltas": st.rope_deltas, "frame_size": st.frame_size, "fps": st.fps,
             "device": str(self.model.device), "dtype": str(self.model.dtype).replace("torch.", ""),
             **backends(self.model.config, self.fast, self.live_kernel), "fast": self.config.fast,
-            "cache": "preallocated+length-counter", "cache_allocations": self.kv.cache.allocations,
+            "cache": "slots+budget" if self.kv.bounded else "preallocated+length-counter", "cache_allocations": self.kv.cache.allocations,
             "cuda_graphs": self.runner.status() if self.runner is not None else "off",
             "vision_graphs": self.vision_graphs.status() if self.vision_graphs is not None else "off",
         }
 
+
+    def _budget_stats(self, st: StreamState) -> dict:
+        """The memory budget and what it kept and evicted (None / 0 for an unbounded stream)."""
+        cfg, layout = self.config, st.layout
+        return {
+            "bounded": layout is not None, "cache_budget_tokens": cfg.cache_budget_tokens, "video_window_seconds": cfg.video_window_seconds,
+            "sink_frames": cfg.sink_frames if layout is not None else None, "transcript_tokens": st.last_cache_position,
+            "kept_video_seconds": layout.kept_seconds if layout is not None else st.video_seconds,
+            "evicted_seconds": layout.evicted_seconds if layout is not None else 0.0,
+            "evicted_grids": layout.evicted_grids if layout is not None else 0,
+            "evicted_tokens": layout.evicted_tokens if layout is not None else 0,
+            "recall_grids": cfg.recall_grids if layout is not None else 0,
+            "stored_seconds": sum(s.seconds for s in layout.stored) if layout is not None else 0.0,
+            "recall_host_bytes": self.kv.recall.nbytes(layout.stored) if self.kv.recall is not None else 0,
+        }

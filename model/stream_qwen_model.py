@@ -4,7 +4,7 @@ The model is stateless: it holds weights, never a stream. A segment is either te
 or the merged vision embeddings of a chunk; its M-RoPE positions come from ``positions.py``
 (the reference formula) and are passed explicitly, so transformers' cached ``rope_deltas``
 and its own ``get_rope_index`` are never used. Where a segment's K/V go is given by the
-``CacheView`` the caller passes (see ``kv_cache_manager.py``). Any number of streams
+``CacheView`` the caller passes (see ``kv_cache.py``). Any number of streams
 (``VideoStreamInference`` objects) share one model.
 """
 from __future__ import annotations
@@ -15,7 +15,7 @@ import torch
 from transformers import Qwen2_5_VLForConditionalGeneration
 
 from . import compat, fast_attention
-from .kv_cache_manager import CacheView
+from .kv_cache import CacheView
 from .masks import StreamMask
 
 

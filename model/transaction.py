@@ -39,6 +39,8 @@ class Transactional:
         self._acquire()
         try:
             txn, result = work(*args)
+            if txn is not None:
+                self.kv.settle(txn)  # a bounded stream evicts here, inside the transaction (may refuse)
         except BaseException:
             self._lock.release()
             raise

@@ -27,8 +27,9 @@ from .arguments import check_bool, check_choices, check_fps, check_max_new_token
 from .config import StreamConfig, resolve_config
 from .answer_stream import AnswerStream, finish_answer, start_answer, streamer_feed
 from .decoding import Answer, ChoiceResult, make_sampler
+from .recall import recalled
 from .frames import to_frame_list
-from .prompt import encode_user_text, extract_vision_segment, prompt_pieces
+from .prompt import encode, encode_user_text, extract_vision_segment, prompt_pieces, token_ids
 from .scoring import TREE_ATTENTION, score_choices
 from .stream import Stream, StreamState
 from .stream_qwen_model import StreamQwenModel
@@ -43,8 +44,8 @@ class ChunkInfo:
     frames: int  # frames passed in
     frames_encoded: int  # frames that went into the cache (a held odd frame waits for its pair)
     pending: bool  # an odd frame is held
-    tokens_added: int
-    cache_len: int
+    tokens_added: int  # tokens this call appended to the transcript
+    cache_len: int  # tokens in the cache after it (a bounded stream: the kept ones, after eviction)
     encode_s: float
 
     def __str__(self) -> str:
@@ -80,10 +81,11 @@ class VideoStreamInference(Transactional):
         self.pieces = prompt_pieces(processor)
         self.video_pixels = compat.pixel_config(compat.video_processor(processor))
         self.image_pixels = compat.pixel_config(processor.image_processor)
-        ids = self.tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])
+        ids = token_ids(self.tokenizer, ["<|im_end|>", "<|endoftext|>"])
         eos = model.generation_config.eos_token_id if model.generation_config is not None else None
         self.stop_ids = set(ids) | set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         self.max_positions = compat.text_config(model.config).max_position_embeddings
+        self._check_budget()
         self._stream = Stream(model, self.tokenizer, self.pieces, self.video_pixels, self.image_pixels, self.config)
         Transactional.__init__(self)
         self._warned_fps = False
@@ -164,10 +166,10 @@ class VideoStreamInference(Transactional):
         check_question(question)
         choices = check_choices(choices)
         choice_ids = [encode_user_text(self.tokenizer, c) for c in choices]
-        scores = self._transaction(self._score, question, choice_ids)
+        scores, seen_again = self._transaction(self._score, question, choice_ids)
         norm = [s / len(ids) for s, ids in zip(scores, choice_ids)]
         best = max(range(len(scores)), key=scores.__getitem__)
-        return ChoiceResult(choices[best], best, scores, norm, choices, time.perf_counter() - t0)
+        return ChoiceResult(choices[best], best, scores, norm, choices, time.perf_counter() - t0, seen_again)
 
     def reserve(self, tokens: int) -> None:
         """Allocate K/V room for ``tokens`` now, so the cache never grows (and graphs never re-capture) below it."""
@@ -216,7 +218,10 @@ class VideoStreamInference(Transactional):
         cache_tokens / cache_bytes / cache_reserved_bytes / cache_allocations, frames_seen,
         pending_frames, video_seconds, chunks, turns, next_position, rope_deltas, frame_size, fps,
         device, dtype, fast, text_attention, vision_attention, cuda_graphs, vision_graphs (each
-        "off" or "on (N captures)"), choice_scoring, attn_implementation, transformers.
+        "off" or "on (N captures)"), choice_scoring, attn_implementation, transformers; the memory
+        budget: bounded, cache_budget_tokens, video_window_seconds, sink_frames, transcript_tokens
+        (all tokens ever appended; cache_tokens are the kept ones), kept_video_seconds,
+        evicted_seconds / evicted_grids / evicted_tokens.
         """
         return {**self._stream.stats(self.stream_state), "attn_implementation": self.attn_implementation,
                 "choice_scoring": "tree-batched" if self.attn_implementation in TREE_ATTENTION else "sequential",
@@ -250,17 +255,19 @@ class VideoStreamInference(Transactional):
         st = txn.state
         fps = check_fps(fps if fps is not None else st.fps if st.fps is not None else self._default_fps())
         n_encoded = self._stream.append_video(txn, raw, fps)
+        self.kv.settle(txn)
         self._sync()  # encode_s is the time until the chunk is in the cache, not until its kernels are queued
         return txn, ChunkInfo(st.chunks, len(raw), n_encoded, txn.state.pending_frame is not None,
-                              txn.length - st.last_cache_position, txn.length, time.perf_counter() - t0)
+                              txn.length - st.last_cache_position, self.kv.kept(txn.state), time.perf_counter() - t0)
 
     @torch.no_grad()
     def _append_image(self, raw: list, t0: float):
         txn = self.kv.begin()
         st = txn.state
         self._stream.append_image(txn, raw)
+        self.kv.settle(txn)
         self._sync()
-        return txn, ChunkInfo(st.chunks, 1, 1, False, txn.length - st.last_cache_position, txn.length,
+        return txn, ChunkInfo(st.chunks, 1, 1, False, txn.length - st.last_cache_position, self.kv.kept(txn.state),
                               time.perf_counter() - t0)
 
     def _check_ask(self, question, update_state, max_new_tokens, generation: dict):
@@ -280,10 +287,10 @@ class VideoStreamInference(Transactional):
     def _score(self, question: str, choice_ids: list[list[int]]):
         txn = self.kv.begin()
         q_logits = self._stream.open_question(txn, question)[0]  # (V,)
-        return None, score_choices(self._stream, txn, q_logits, choice_ids)
+        return None, (score_choices(self._stream, txn, q_logits, choice_ids), recalled(txn.state.layout))
 
     def _reserve(self, tokens: int):
-        self.kv.cache.reserve(tokens, keep=self.kv.get_seq_length())
+        self.kv.reserve(tokens)
         return None, None
 
     @torch.no_grad()
@@ -291,6 +298,27 @@ class VideoStreamInference(Transactional):
         self._stream.warm(self.kv.begin(), raw, fps)  # the transaction is dropped: the stream is untouched
         self._sync()
         return None, {"seconds": time.perf_counter() - t0, **self._stream.stats(self.stream_state)}
+
+    def _check_budget(self) -> None:
+        """Refuse a token budget that cannot hold the first turn, the sink and one more grid, even at
+        the smallest frames the video processor makes (larger frames are checked when they come)."""
+        budget = self.config.budget()
+        if budget is not None and budget.recall_grids and not self.model.stream_kernels:
+            raise ValueError("StreamConfig.recall_grids needs the model built on attn_implementation='sdpa' (recall "
+                             "reads the question's queries in the stream attention dispatcher)")
+        if budget is None or budget.tokens is None:
+            return
+        pix = self.video_pixels
+        grid = max(1, pix.min_pixels // pix.factor**2)  # tokens of one 2-frame grid at the smallest size
+        header = len(encode(self.tokenizer, self.pieces.first_turn_header)) + 2  # + vision start/end
+        sink = header + budget.sink_grids * grid
+        if sink > budget.tokens:
+            raise ValueError(f"StreamConfig.sink_frames={self.config.sink_frames} keeps at least {sink} tokens (the "
+                             f"first turn's header and {budget.sink_grids} grid(s) of >= {grid} tokens), more than "
+                             f"cache_budget_tokens={budget.tokens}: lower sink_frames or raise the budget")
+        if sink + grid > budget.tokens:
+            raise ValueError(f"StreamConfig.cache_budget_tokens={budget.tokens} cannot hold one chunk after the sink "
+                             f"({sink} tokens) and one grid of >= {grid} tokens: raise it to at least {sink + grid}")
 
     def _default_fps(self) -> float:
         if not self._warned_fps:

@@ -167,3 +167,16 @@ def test_typed_questions_and_sources_parse():
     assert parse_source("0") == 0 and parse_source("rtsp://cam/stream") == "rtsp://cam/stream"
     with pytest.raises(ValueError, match="no such file"):
         parse_source("missing-clip.mp4")
+
+
+def test_a_memory_budget_reaches_the_stream_and_the_records(video, tmp_path, capsys):
+    code, result = run(video, tmp_path, "--budget-tokens", "100", "--sink-frames", "0", "--recall-grids", "1")
+    assert code == 0
+    stats, end = result["meta"]["stats"], result["questions"][-1]
+    assert stats["bounded"] and stats["cache_budget_tokens"] == 100 and stats["cache_tokens"] <= 100
+    assert end["evicted_seconds"] > 0 and end["kept_video_seconds"] < end["video_s"] + 0.5
+    assert len(end["recalled_s"]) == 1 and "recalled" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main([str(video), "--budget-tokens", "x"])
+    assert main([str(video), "--budget-tokens", "0", "--device", "cpu"]) == 2  # refused with a message
+    assert "cache_budget_tokens must be" in capsys.readouterr().err

@@ -172,7 +172,7 @@ def test_reader_and_config_errors_are_actionable(bench, tmp_path):
     for bad in ("1:75:00", "a:b", "", "1:2:3:4"):
         with pytest.raises(ValueError, match="time_stamp"):
             parse_timestamp(bad)
-    with pytest.raises(ValueError, match="bounded-memory issue"):
+    with pytest.raises(ValueError, match="does not wire memory budgets"):
         EvalConfig(modes="stream,bounded")
     with pytest.raises(ValueError, match="unknown mode"):
         EvalConfig(modes="stream,cloud")

@@ -6,8 +6,9 @@
              is reset and re-prefilled with only the last ``window_frames`` frames.
     reprefill  the official pipelines' method: at each question the engine is reset and
              re-prefilled with every frame up to it (one full prefill per question).
-    bounded  planned (the bounded-memory issue): the streaming cache under a memory budget.
-             It is listed so that ``--modes`` names it, and refused until it exists.
+    bounded  planned: the streaming cache under a memory budget. The library has budgets
+             (``StreamConfig.cache_budget_tokens``); this runner does not yet build the bounded
+             engine per video nor its masked parity reference, so the mode is named and refused.
 
 A mode runs one video at a time on one engine: ``start_video``, then ``advance`` to each
 question's frame count (non-decreasing), then the scorers ask. Modes never share an engine's
@@ -21,7 +22,8 @@ from typing import Optional
 
 from ..timing import sync
 
-PLANNED = {"bounded": "the memory-budget cache arrives with the bounded-memory issue; until then use stream or window"}
+PLANNED = {"bounded": "the runner does not wire memory budgets yet (the library has them: "
+                      "StreamConfig.cache_budget_tokens); use stream or window"}
 
 
 class Mode:

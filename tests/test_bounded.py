@@ -1,0 +1,313 @@
+"""Invariant 6 (bounded memory): a stream with a cache budget equals its masked offline reference.
+
+- Random streams (chunkings with odd frames, budgets, windows, sink sizes, asks, committed
+  turns, images between videos): every question's logits equal ONE offline forward over the
+  whole transcript in which each token sees what the cache kept when its call began plus its
+  own call's earlier tokens (``offline.bounded_visibility``), to 1e-4 in fp32;
+- the policy: kept tokens within the budget after every call, the sink and all text kept,
+  evicted video is always the oldest whole grids;
+- isolation and atomicity with eviction on: asks leave the stream bit-identical, a failing or
+  interrupted append after an eviction leaves it exactly as before, snapshots survive evictions;
+- impossible settings are errors at construction.
+"""
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from model import StreamConfig, VideoStreamInference
+from model.offline import bounded_visibility, build_inputs, masked_logits
+from model.prompt import VISION_END, VISION_START
+from model.testing import synthetic_frames
+from tests.conftest import assert_same_signature, signature
+
+TOL = 1e-4
+FRAMES = synthetic_frames(40, 56, 84, seed=21)  # 6 tokens per 2-frame grid
+IMAGE = np.asarray(synthetic_frames(1, 84, 56, seed=22)[0])
+
+
+class Recorded:
+    """Drives a bounded engine and builds, call by call, the offline transcript and what each call saw."""
+
+    def __init__(self, engine: VideoStreamInference):
+        self.engine, self.p = engine, engine.pieces
+        self.segments: list = []
+        self.calls: list = []  # (start, end, kept ranges when the call began)
+        self.turn_open, self.block = False, None  # block: None, or the open video block's [frames, fps]
+        self.recalls = 0
+
+    def _call(self, fn):
+        st = self.engine.stream_state
+        start, kept = st.last_cache_position, st.layout.kept_ranges()
+        out = fn()
+        recalled = [(r.seq, r.tokens) for r in getattr(out, "recalled", ())]  # evicted grids the call saw again
+        self.calls.append((start, self.engine.stream_state.last_cache_position, kept + recalled))
+        return out
+
+    def _turn(self) -> None:
+        if not self.turn_open:
+            self.segments.append(("text", self.p.turn_header if self.segments else self.p.first_turn_header))
+            self.turn_open = True
+
+    def _close_block(self) -> str:
+        if self.block is None:
+            return ""
+        self.segments.append(("video", list(self.block[0]), self.block[1]))
+        self.block = None
+        return VISION_END
+
+    def video(self, frames, fps) -> None:
+        self._call(lambda: self.engine.append_frames(frames, fps=fps))
+        self._turn()
+        if self.block is None:
+            self.segments.append(("text", VISION_START))
+            self.block = [[], fps]
+        self.block[0].extend(frames)
+
+    def image(self) -> None:
+        self._call(lambda: self.engine.append_image(IMAGE))
+        self._turn()
+        self.segments += [("text", self._close_block() + VISION_START), ("image", IMAGE), ("text", VISION_END)]
+
+    def _question(self, question: str) -> list:
+        head, tail = self.p.question_tail.split("\x00QUESTION\x00")
+        return [("text", self._close_block() + head), ("user", question), ("text", tail)]
+
+    def turn(self, question: str) -> None:
+        before = signature(self.engine)
+        try:
+            ans = self._call(lambda: self.engine.ask(question, update_state=True, max_new_tokens=2))
+        except ValueError as e:  # kept text has filled the budget: the turn is refused, the stream kept
+            assert "after evicting all the video it may evict" in str(e)
+            assert_same_signature(before, signature(self.engine))
+            return
+        self._turn()
+        self.segments += self._question(question) + [("ids", ans.token_ids), ("text", self.p.answer_tail)]
+        self.turn_open = False
+
+    def check_ask(self, question: str) -> None:
+        """The question's logits equal the masked offline reference (the stream is left as it was)."""
+        st, before = self.engine.stream_state, signature(self.engine)
+        ans = self.engine.ask(question, max_new_tokens=1)
+        assert_same_signature(before, signature(self.engine))
+        saved = (list(self.segments), self.turn_open, self.block and [list(self.block[0]), self.block[1]])
+        self._turn()
+        segments = self.segments + self._question(question)
+        self.segments, self.turn_open, self.block = saved
+        model, proc = self.engine.model, self.engine.processor
+        inputs = build_inputs(model, proc, segments)
+        recalled = [(r.seq, r.tokens) for r in ans.recalled]
+        assert len(recalled) == min(self.engine.config.recall_grids, len(st.layout.stored))
+        self.recalls += len(recalled)
+        calls = self.calls + [(st.last_cache_position, inputs.num_tokens, st.layout.kept_ranges() + recalled)]
+        ref = masked_logits(model, inputs, bounded_visibility(inputs.num_tokens, calls))[0, -1]
+        diff = (ans.first_logits - ref).abs().max()
+        assert diff <= TOL, diff
+
+
+def check_policy(engine: VideoStreamInference, texts_written: set) -> None:
+    layout, budget = engine.stream_state.layout, engine.config.budget()
+    if budget.tokens is not None:
+        assert layout.kept <= budget.tokens, (layout.kept, budget)
+    grids = [s.grid for s in layout.spans if s.grid >= 0]
+    assert all(g in grids for g in range(min(budget.sink_grids, layout.grids))), ("sink evicted", grids)
+    late = [g for g in grids if g >= budget.sink_grids]
+    assert late == list(range(layout.grids - len(late), layout.grids)), ("not the oldest evicted", grids)
+    texts_written |= {s.seq for s in layout.spans if s.grid < 0}
+    assert texts_written == {s.seq for s in layout.spans if s.grid < 0}, "text or an image was evicted"
+    assert not any(s.recalled for s in layout.spans), "a recalled grid was committed"
+    if budget.window_seconds is not None:
+        assert sum(s.seconds for s in layout.spans if s.grid >= budget.sink_grids) <= budget.window_seconds + 1e-9
+
+
+@pytest.mark.parametrize("seed, recall", [(s, 0) for s in range(6)] + [(s, 1 + s % 3) for s in range(6, 10)])
+def test_random_bounded_streams_equal_the_masked_offline_reference(tiny, seed, recall):
+    """With recall, each question's reference also shows it the grids it recalled (Answer.recalled)."""
+    rng = random.Random(seed)
+    fps = rng.choice([1, 2, 4])
+    tokens = [None, 90, 110, 140 if seed < 6 else 100][seed % 4]
+    window = rng.choice([2.0, 3.0]) if tokens is None else rng.choice([None, 1.5, 3.0])
+    config = StreamConfig(fast=seed % 2 == 0, cache_budget_tokens=tokens, video_window_seconds=window,
+                          sink_frames=rng.choice([0, 2, 3]), recall_grids=recall, recall_host_tokens=60)
+    rec, texts = Recorded(VideoStreamInference(*tiny, config=config)), set()
+    seen, evictions = 0, 0
+    while seen < 30:
+        n = rng.randint(1, 5)
+        rec.video(FRAMES[seen:seen + n], fps)
+        seen += n
+        r = rng.random()
+        if r < 0.25:
+            rec.check_ask(f"What is at {seen}?")
+        elif r < 0.35:
+            rec.turn("Describe.")
+        elif r < 0.42:
+            rec.image()
+        check_policy(rec.engine, texts)
+        evictions = rec.engine.stream_state.layout.evicted_grids
+    rec.check_ask("And now?")
+    assert evictions > 0, "the budget never evicted anything: the test would not test eviction"
+    assert rec.recalls > 0 if recall else rec.recalls == 0
+    if recall:  # the host keeps at most recall_host_tokens of evicted video, the newest
+        stored = rec.engine.stream_state.layout.stored
+        assert 0 < sum(s.n for s in stored) <= 60 and [s.grid for s in stored] == sorted(s.grid for s in stored)
+        assert rec.engine.stats()["recall_host_bytes"] > 0
+    stats = rec.engine.stats()
+    assert stats["cache_tokens"] == rec.engine.stream_state.layout.kept < rec.engine.stream_state.last_cache_position
+    assert stats["evicted_seconds"] > 0 and stats["kept_video_seconds"] >= 0
+
+
+def bounded(tiny, **kw) -> VideoStreamInference:
+    return VideoStreamInference(*tiny, config=StreamConfig(**{"cache_budget_tokens": 100, **kw}))
+
+
+@pytest.mark.parametrize("recall", [0, 2])
+def test_asks_and_choices_leave_a_bounded_stream_bit_identical_and_equal_one_never_asked(tiny, recall):
+    asked, quiet = bounded(tiny, recall_grids=recall), bounded(tiny, recall_grids=recall)
+    for i in range(0, 24, 3):
+        for e in (asked, quiet):
+            e.append_frames(FRAMES[i:i + 3], fps=2)
+        before = signature(asked)
+        a = asked.ask("What?", max_new_tokens=3)
+        c = asked.ask_choice("Which?", ["a b", "c", "dd e f"])
+        assert_same_signature(before, signature(asked))
+        stored = asked.stream_state.layout.stored
+        assert len(a.recalled) == len(c.recalled) == min(recall, len(stored))
+        assert all(r.end_s > r.start_s and r.tokens == 6 for r in a.recalled)
+    assert asked.stream_state.layout.evicted_grids > 0
+    assert_same_signature(signature(quiet), signature(asked))
+
+
+def test_a_failing_append_after_an_eviction_leaves_the_stream_exactly_as_before(tiny, monkeypatch):
+    engine = bounded(tiny)
+    for i in range(0, 21, 3):
+        engine.append_frames(FRAMES[i:i + 3], fps=2)
+    assert engine.stream_state.layout.evicted_grids > 0  # the last commits evicted
+    before = signature(engine)
+    for layer in engine.model.model.language_model.layers:  # out of memory at each layer of an evicting append
+
+        def boom(*args, **kwargs):
+            raise RuntimeError("CUDA out of memory (injected)")
+
+        monkeypatch.setattr(layer, "forward", boom)
+        with pytest.raises(RuntimeError, match="injected"):
+            engine.append_frames(FRAMES[21:30], fps=2)
+        monkeypatch.undo()
+        assert_same_signature(before, signature(engine))
+    twin = bounded(tiny)
+    for i in range(0, 21, 3):
+        twin.append_frames(FRAMES[i:i + 3], fps=2)
+    for e in (engine, twin):
+        e.append_frames(FRAMES[21:30], fps=2)
+    assert_same_signature(signature(twin), signature(engine))
+
+
+def test_a_budget_the_stream_cannot_meet_is_refused_and_the_stream_kept(tiny):
+    engine = bounded(tiny, cache_budget_tokens=70)
+    engine.append_frames(FRAMES[:4], fps=2)
+    before = signature(engine)
+    with pytest.raises(ValueError, match="cache_budget_tokens=70"):
+        engine.append_frames(FRAMES[4:30], fps=2)  # 13 grids in one call: more tokens than the budget
+    assert_same_signature(before, signature(engine))
+    assert_same_signature(before, signature(engine))
+    engine.append_frames(FRAMES[4:6], fps=2)  # smaller calls go on
+    for i in range(3):  # committed turns are never evicted: once text fills the budget, a turn is refused
+        before = signature(engine)
+        try:
+            engine.ask("Tell me more about it?", update_state=True, max_new_tokens=2)
+        except ValueError as e:
+            assert "after evicting all the video it may evict" in str(e)
+            assert_same_signature(before, signature(engine))
+            break
+    else:
+        raise AssertionError("three turns fitted a 70-token budget: the test does not reach the refusal")
+
+
+def test_snapshots_survive_evictions(tiny):
+    engine = bounded(tiny)
+    for i in range(0, 18, 3):
+        engine.append_frames(FRAMES[i:i + 3], fps=2)
+    before = signature(engine)
+    engine.kv.snapshot()
+    for i in range(18, 36, 3):  # evicts the grids the snapshot still holds; their slots must not be reused
+        engine.append_frames(FRAMES[i:i + 3], fps=2)
+    assert engine.stream_state.layout.evicted_grids > before["state"]["layout"].evicted_grids
+    engine.kv.restore()
+    assert_same_signature(before, signature(engine))
+
+
+def test_memory_stays_bounded_over_a_long_stream(tiny):
+    engine = bounded(tiny, cache_budget_tokens=120)
+    for i in range(200):
+        engine.append_frames(FRAMES[(2 * i) % 38:(2 * i) % 38 + 2], fps=2)
+        if i % 50 == 0:
+            engine.ask("What?", update_state=i == 0, max_new_tokens=2)
+    assert engine.stream_state.last_cache_position > 1200 and engine.stream_state.layout.kept <= 120
+    assert engine.kv.cache.capacity <= 1024 and engine.kv.cache.allocations == 1
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(cache_budget_tokens=0), "cache_budget_tokens must be"),
+    (dict(cache_budget_tokens=1.5), "cache_budget_tokens must be"),
+    (dict(video_window_seconds=-1.0), "video_window_seconds must be"),
+    (dict(video_window_seconds=float("inf")), "video_window_seconds must be"),
+    (dict(cache_budget_tokens=100, sink_frames=-2), "sink_frames must be"),
+    (dict(recall_grids=2), "needs cache_budget_tokens or video_window_seconds"),
+    (dict(cache_budget_tokens=100, recall_grids=-1), "recall_grids must be"),
+    (dict(cache_budget_tokens=100, recall_grids=1, recall_host_tokens=True), "recall_host_tokens must be"),
+])
+def test_invalid_budget_settings_are_refused_by_the_config(kw, match):
+    with pytest.raises(ValueError, match=match):
+        StreamConfig(**kw)
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(cache_budget_tokens=40), "keeps at least"),  # the sink alone does not fit
+    (dict(cache_budget_tokens=80, sink_frames=40), "sink_frames=40"),  # a sink larger than the budget
+    (dict(cache_budget_tokens=52), "cannot hold one chunk"),  # no room for one grid after the sink
+])
+def test_impossible_budgets_are_refused_at_construction(tiny, kw, match):
+    with pytest.raises(ValueError, match=match):
+        VideoStreamInference(*tiny, config=StreamConfig(**kw))
+
+
+def test_rollback_is_refused_on_a_bounded_stream(tiny):
+    engine = bounded(tiny)
+    engine.append_frames(FRAMES[:4], fps=2)
+    with pytest.raises(ValueError, match="snapshot"):
+        engine.kv.rollback(3)
+
+
+@pytest.mark.parametrize("recall", [0, 2])
+def test_interrupts_at_random_lines_of_evicting_calls_commit_nothing(tiny, recall):
+    from tests.test_transactions import traced
+
+    engine = bounded(tiny, recall_grids=recall)
+    for i in range(0, 21, 3):
+        engine.append_frames(FRAMES[i:i + 3], fps=2)
+    ops = {"append_frames": lambda r: engine.append_frames(FRAMES[21 + r.randrange(8):][:r.choice([1, 3, 5])], fps=2),
+           "ask_update_state": lambda r: engine.ask("Why?", update_state=True, max_new_tokens=2),
+           "ask_choice": lambda r: engine.ask_choice("Which?", ["a", "bb c"])}
+    rng, injected = random.Random(3), 0
+    for name, op in ops.items():
+        engine.kv.snapshot()
+        _, total = traced(lambda: op(random.Random(0)), 0)
+        engine.kv.restore()
+        for trial in range(60):
+            engine.kv.snapshot()
+            before = signature(engine)
+            interrupted, _ = traced(lambda: op(random.Random(trial)), rng.randint(1, total))
+            if interrupted:
+                injected += 1
+                assert_same_signature(before, signature(engine))
+            engine.kv.restore()
+    assert injected >= 150, injected
+    twin = bounded(tiny, recall_grids=recall)
+    for i in range(0, 21, 3):
+        twin.append_frames(FRAMES[i:i + 3], fps=2)
+    for e in (engine, twin):  # what the trials left is exactly the stream before them
+        e.append_frames(FRAMES[21:26], fps=2)
+    assert engine.stream_state.layout.evicted_grids > 0
+    assert_same_signature(signature(twin), signature(engine))
