@@ -75,9 +75,9 @@ class RecallStore:
             vb.index_copy_(2, slots, v[i][None].to(vb.device, non_blocking=True))
 
     def nbytes(self, stored: tuple[Span, ...]) -> int:
-        """Host bytes of the stored grids of one head."""
-        return sum(t.numel() * t.element_size() for s in stored if s.grid in self._grids
-                   for t in self._grids[s.grid][:2])
+        """Host bytes of the stored grids of one head (single dict lookups: safe while another thread evicts)."""
+        entries = [self._grids.get(s.grid) for s in stored]
+        return sum(t.numel() * t.element_size() for e in entries if e is not None for t in e[:2])
 
 
 def bring_back(stream, txn, question: str) -> None:

@@ -172,8 +172,10 @@ def test_reader_and_config_errors_are_actionable(bench, tmp_path):
     for bad in ("1:75:00", "a:b", "", "1:2:3:4"):
         with pytest.raises(ValueError, match="time_stamp"):
             parse_timestamp(bad)
-    with pytest.raises(ValueError, match="does not wire memory budgets"):
+    with pytest.raises(ValueError, match="bounded mode needs a memory budget"):
         EvalConfig(modes="stream,bounded")
+    with pytest.raises(ValueError, match="cache_budget_tokens must be"):
+        EvalConfig(modes="bounded", budget={"cache_budget_tokens": -5})
     with pytest.raises(ValueError, match="unknown mode"):
         EvalConfig(modes="stream,cloud")
     with pytest.raises(ValueError, match="window_frames"):
@@ -336,3 +338,22 @@ def test_cli_runs_a_benchmark_and_names_a_missing_model(bench, tmp_path, monkeyp
     summary = json.loads((tmp_path / "cli" / "report.json").read_text())
     assert summary["completed"] and "generate" in summary["modes"]["stream"]["latency_s"]
     assert all((tmp_path / "cli" / f).exists() for f in ("report.md", "report.png", "run.json"))
+
+
+def test_bounded_mode_streams_under_a_budget_on_its_own_engine(bench, engine, tmp_path):
+    ann = read_annotations("ovo", bench / "ovo.json")
+    config = _config(modes=("stream", "bounded"), budget={"video_window_seconds": 1.0, "sink_frames": 0})
+    result = run_benchmark(engine, ann, bench / "videos_root", tmp_path / "bounded", config, "tiny")
+    records = _lines(tmp_path / "bounded")
+    bounded = {r["event_id"]: r for r in records if r["mode"] == "bounded"}
+    stream = {r["event_id"]: r for r in records if r["mode"] == "stream"}
+    assert result.completed and bounded.keys() == stream.keys()
+    assert all(r["kept_video_s"] <= 1.0 for r in bounded.values())
+    assert any(r["evicted_s"] > 0 for r in bounded.values()), "the budget never evicted: the test tests nothing"
+    assert engine.config.video_window_seconds is None, "the runner's engine keeps its own settings"
+    paths = write_report(tmp_path / "bounded", result)
+    assert "bounded" in paths["summary"]["modes"] and "bounded" in Path(paths["markdown"]).read_text()
+    assert any(r["evicted_s"] == 0 for r in bounded.values())
+    for key, r in bounded.items():  # before any eviction a bounded stream answers as the full stream (other kernels)
+        if r["evicted_s"] == 0:
+            assert max(abs(a - b) for a, b in zip(r["choice"]["scores"], stream[key]["choice"]["scores"])) <= 1e-4, key

@@ -6,7 +6,7 @@
     write_report("eval-ovo", result)                             # report.md / .json / .png
 
 CLI: ``python -m model.eval --help``. Files: events (the normalised question), readers, prompts,
-videos (locate + decode once), modes (stream, window; bounded planned), scoring (scorers and
+videos (locate + decode once), modes (stream, window, reprefill, bounded), scoring (scorers and
 offline parity), results (resumable JSONL), runner, metrics, report.
 """
 from .events import Annotations, Event, Problem

@@ -12,6 +12,9 @@ import os
 import sys
 from pathlib import Path
 
+from typing import Optional
+
+from ..config import add_budget_arguments, budget_config
 from .events import BENCHMARKS
 from .modes import MODES, PLANNED
 from .readers import read_annotations
@@ -33,7 +36,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dtype", choices=list(DTYPES), default=None, help="default: bfloat16 on GPU, float32 on CPU")
     p.add_argument("--fps", type=float, default=2.0, help="frames per second sampled from each video")
     p.add_argument("--modes", default="stream,window",
-                   help=f"comma-separated, from {', '.join(MODES)} ({', '.join(PLANNED)}: planned)")
+                   help=f"comma-separated, from {', '.join(MODES)}" + (f" ({', '.join(PLANNED)}: planned)" if PLANNED else ""))
     p.add_argument("--window-frames", type=int, default=16, help="window mode: last N frames re-prefilled per question")
     p.add_argument("--chunk-frames", type=int, default=8, help="stream mode: frames per append_frames call")
     p.add_argument("--parity", type=int, default=0, metavar="K",
@@ -43,7 +46,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", default=None, help="results folder (default: eval-BENCHMARK)")
     p.add_argument("--limit", type=int, default=None, help="only the first N events of the annotation file")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_budget_arguments(p)  # for --modes ...,bounded
     return p.parse_args(argv)
+
+
+def _budget(args) -> Optional[dict]:
+    """The budget flags as StreamConfig fields (validated by EvalConfig), or None when none is set."""
+    config = budget_config(args)
+    if config is None:
+        return None
+    return {"cache_budget_tokens": config.cache_budget_tokens, "video_window_seconds": config.video_window_seconds,
+            "sink_frames": config.sink_frames, "recall_grids": config.recall_grids}
 
 
 def main(argv=None) -> int:
@@ -51,7 +64,7 @@ def main(argv=None) -> int:
     try:
         config = EvalConfig(fps=args.fps, modes=args.modes, window_frames=args.window_frames,
                             chunk_frames=args.chunk_frames, parity=args.parity, generate_tokens=args.generate,
-                            progress=not args.no_progress)
+                            progress=not args.no_progress, budget=_budget(args))
         if not os.path.isdir(args.video_root):
             raise ValueError(f"video root not found: {args.video_root!r}")
         annotations = read_annotations(args.benchmark, args.annotations, limit=args.limit)

@@ -24,6 +24,7 @@ from typing import Callable, Optional
 import torch
 from tqdm.auto import tqdm
 
+from ..config import StreamConfig
 from ..timing import MIB, device_info
 from .events import Annotations, Event, Problem
 from .modes import frames_up_to, make_mode, parse_modes
@@ -41,6 +42,7 @@ class EvalConfig:
     parity: int = 0  # stream-mode events (the first K) also answered by the native offline path
     generate_tokens: int = 0  # > 0: also answer by generation (max_new_tokens), matched to an option
     progress: bool = True
+    budget: Optional[dict] = None  # bounded mode: StreamConfig budget fields (cache_budget_tokens, ...)
 
     def __post_init__(self):
         self.modes = tuple(parse_modes(self.modes if isinstance(self.modes, str) else list(self.modes)))
@@ -50,8 +52,10 @@ class EvalConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name} must be an int >= 0, got {value!r}")
-        for name in self.modes:  # validates window_frames / chunk_frames
-            make_mode(name, self.chunk_frames, self.window_frames)
+        if self.budget is not None:
+            StreamConfig().replace(**self.budget)  # unknown or invalid budget fields raise here
+        for name in self.modes:  # validates window_frames / chunk_frames / the budget of bounded mode
+            make_mode(name, self.chunk_frames, self.window_frames, self.budget)
 
 
 @dataclass
@@ -165,7 +169,8 @@ def _video_problem(result: RunResult, video: str, reason: str) -> None:
 def _run_mode(engine, name: str, events: list[Event], decoded, config: EvalConfig, store: ResultStore,
               result: RunResult, on_record, overall) -> None:
     timestamps, frames = decoded
-    mode = make_mode(name, config.chunk_frames, config.window_frames)
+    mode = make_mode(name, config.chunk_frames, config.window_frames, config.budget)
+    engine = mode.engine_for(engine)
     mode.start_video(engine)
     cuda = engine.model.device.type == "cuda"
     if cuda:
