@@ -43,27 +43,32 @@ class RecallStore:
 
     def __init__(self):
         self._grids: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self.token_bytes = 0  # host bytes of one token's K and V (all layers)
 
     def keep(self, evicted: list[Span], cache: StreamKVCache, reachable: list) -> None:
-        """Copy ``evicted`` grids (still in their slots) to host memory; forget grids no reachable head stores."""
-        live = {s.grid for state in reachable for s in state.layout.stored}
-        for grid in [g for g in self._grids if g not in live]:
-            del self._grids[grid]
+        """Copy ``evicted`` grids (still in their slots) to host memory; forget grids no reachable head stores
+        (checked when the store holds twice what the newest head does: O(1) per commit on average)."""
+        newest = reachable[0].layout.stored
+        if len(self._grids) > 2 * len(newest) + 64:
+            live = {s.grid for state in reachable for s in state.layout.stored}
+            for grid in [g for g in self._grids if g not in live]:
+                del self._grids[grid]
         pin = cache.device.type == "cuda"
         for span in evicted:
             index = span.slots.to(cache.device)
             k = torch.stack([kb.index_select(2, index)[0] for kb, _ in cache.buffers])  # (L, H_kv, n, D)
             v = torch.stack([vb.index_select(2, index)[0] for _, vb in cache.buffers])
-            summary = k.float().mean(2).cpu()  # (L, H_kv, D)
-            k, v = (t.cpu().pin_memory() if pin else t.cpu() for t in (k, v))
+            summary = k.float().mean(2)  # (L, H_kv, D), stays on the device: questions score all of them
+            k, v = (t.cpu().pin_memory() if pin else t.cpu().clone() for t in (k, v))
             self._grids[span.grid] = (k, v, summary)
+            self.token_bytes = 2 * k[:, :, :1].numel() * k.element_size()
 
     def scores(self, queries: dict[int, torch.Tensor], candidates: tuple[Span, ...]) -> list[float]:
         """queries: layer -> (1, H_q, n, D) the question's rotated queries; -> a relevance per candidate."""
         layers = sorted(queries)
         summaries = torch.stack([self._grids[s.grid][2] for s in candidates])  # (N, L, H_kv, D)
         hkv = summaries.shape[2]
-        q = torch.stack([queries[i][0].float().mean(1) for i in layers]).cpu()  # (L, H_q, D): mean over tokens
+        q = torch.stack([queries[i][0].float().mean(1) for i in layers])  # (L, H_q, D): mean over tokens
         q = q.view(len(layers), hkv, -1, q.shape[-1]).sum(2)  # (L, H_kv, D): the query heads of each K/V head
         return torch.einsum("lhd,nlhd->n", q, summaries).tolist()
 
@@ -74,10 +79,9 @@ class RecallStore:
             kb.index_copy_(2, slots, k[i][None].to(kb.device, non_blocking=True))
             vb.index_copy_(2, slots, v[i][None].to(vb.device, non_blocking=True))
 
-    def nbytes(self, stored: tuple[Span, ...]) -> int:
-        """Host bytes of the stored grids of one head (single dict lookups: safe while another thread evicts)."""
-        entries = [self._grids.get(s.grid) for s in stored]
-        return sum(t.numel() * t.element_size() for e in entries if e is not None for t in e[:2])
+    def nbytes(self, stored_tokens: int) -> int:
+        """Host bytes of ``stored_tokens`` tokens of K/V (what a head's ``stored`` grids hold)."""
+        return stored_tokens * self.token_bytes
 
 
 def bring_back(stream, txn, question: str) -> None:

@@ -75,9 +75,11 @@ class SlotLayout:
     evicted_seconds: float = 0.0
     stored: tuple[Span, ...] = ()  # evicted grids whose K/V wait in host memory for recall (slots: where they were)
     grid_seconds: float = 0.0  # video seconds of all grids written so far
+    stored_tokens: int = 0  # tokens of ``stored`` (counted, not summed: streams store thousands of grids)
+    stored_seconds: float = 0.0
     _cache: dict = field(default_factory=dict, compare=False, repr=False)  # derived tensors, per layout
 
-    @property
+    @cached_property
     def kept(self) -> int:
         return sum(s.n for s in self.spans)
 
@@ -88,7 +90,8 @@ class SlotLayout:
     def _with(self, **changes) -> "SlotLayout":
         fields = dict(spans=self.spans, grids=self.grids, evicted_grids=self.evicted_grids,
                       evicted_tokens=self.evicted_tokens, evicted_seconds=self.evicted_seconds, stored=self.stored,
-                      grid_seconds=self.grid_seconds)
+                      grid_seconds=self.grid_seconds, stored_tokens=self.stored_tokens,
+                      stored_seconds=self.stored_seconds)
         return SlotLayout(**{**fields, **changes})
 
     def kept_ranges(self) -> list[tuple[int, int]]:
@@ -162,15 +165,19 @@ class SlotLayout:
             return self, []
         gone = {evictable[i] for i in range(drop)}
         out = [spans[i] for i in sorted(gone)]
-        stored = self.stored
+        stored, tokens, seconds = self.stored, self.stored_tokens, self.stored_seconds
         if budget.recall_grids:
             stored = stored + tuple(out)
-            while sum(s.n for s in stored) > budget.host_tokens:
-                stored = stored[1:]
+            tokens, seconds = tokens + sum(s.n for s in out), seconds + sum(s.seconds for s in out)
+            first = 0
+            while tokens > budget.host_tokens:  # the oldest go first
+                tokens, seconds, first = tokens - stored[first].n, seconds - stored[first].seconds, first + 1
+            stored = stored[first:]
         layout = self._with(spans=tuple(s for i, s in enumerate(spans) if i not in gone),
                             evicted_grids=self.evicted_grids + drop,
                             evicted_tokens=self.evicted_tokens + sum(s.n for s in out),
-                            evicted_seconds=self.evicted_seconds + sum(s.seconds for s in out), stored=stored)
+                            evicted_seconds=self.evicted_seconds + sum(s.seconds for s in out), stored=stored,
+                            stored_tokens=tokens, stored_seconds=seconds if stored else 0.0)
         return layout, out
 
 

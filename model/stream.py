@@ -308,6 +308,6 @@ class Stream:
             "evicted_grids": layout.evicted_grids if layout is not None else 0,
             "evicted_tokens": layout.evicted_tokens if layout is not None else 0,
             "recall_grids": cfg.recall_grids if layout is not None else 0,
-            "stored_seconds": sum(s.seconds for s in layout.stored) if layout is not None else 0.0,
-            "recall_host_bytes": self.kv.recall.nbytes(layout.stored) if self.kv.recall is not None else 0,
+            "stored_seconds": layout.stored_seconds if layout is not None else 0.0,
+            "recall_host_bytes": self.kv.recall.nbytes(layout.stored_tokens) if self.kv.recall is not None else 0,
         }
