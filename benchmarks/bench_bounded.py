@@ -27,6 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 from model import StreamConfig, VideoStreamInference  # noqa: E402
+from percentiles import pct, row, summary  # noqa: E402
 from model.synthetic import synthetic_frames  # noqa: E402
 from model.testing import QWEN25_VL_3B_CONFIG, build_3b_processor, build_random_model, build_tiny_model  # noqa: E402
 from model.timing import GIB, device_info, sync  # noqa: E402
@@ -34,14 +35,6 @@ from model.timing import GIB, device_info, sync  # noqa: E402
 Q = "What is happening in the video right now?"
 WINDOW_S = 300.0
 
-
-def pct(xs, q):
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(round(q / 100 * (len(xs) - 1))))] if xs else float("nan")
-
-
-def summary(xs) -> dict:
-    return {"p50": pct(xs, 50), "p95": pct(xs, 95), "max": max(xs) if xs else float("nan"), "n": len(xs)}
 
 
 def memory_gib(cuda: bool) -> float:
@@ -163,8 +156,7 @@ def print_table(r) -> None:
     print(f"   {'window':>13} | {'kept':>6} | {'chunk p50/p95/max ms':>22} | {'TTFT p50/p95/max ms':>22} | mem GiB")
     for w in r["windows"]:
         c, q = w["chunk"], w["ttft"]
-        print(f"   {w['from_s']:5.0f}-{w['to_s']:<6.0f}s | {w['kept']:6d} | {c['p50']:6.1f} {c['p95']:6.1f} {c['max']:7.1f} | "
-              f"{q['p50']:6.1f} {q['p95']:6.1f} {q['max']:7.1f} | {w['mem_gib']:.3f}")
+        print(f"   {w['from_s']:5.0f}-{w['to_s']:<6.0f}s | {w['kept']:6d} | {row(c)} | {row(q)} | {w['mem_gib']:.3f}")
     if r["ends"]:
         print(f"   first 5 min after fill vs last 5 min: {r['ends']}")
     s = r["stats_at_end"]

@@ -24,6 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 from model import StreamConfig, VideoStreamInference  # noqa: E402
+from percentiles import row, summary  # noqa: E402
 from model.offline import build_inputs, chat_segments, native_generate  # noqa: E402
 from model.synthetic import synthetic_frames  # noqa: E402
 from model.testing import QWEN25_VL_3B_CONFIG, build_3b_processor, build_random_model  # noqa: E402
@@ -36,14 +37,6 @@ STREAMS = {  # name: (seconds, fps, question every s)
     "fast60": (60, 30, 2), "long10": (600, 2, 5), "fast16": (16, 30, 2), "fast2": (2, 30, 1),
 }
 
-
-def pct(xs, q):
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(round(q / 100 * (len(xs) - 1))))] if xs else float("nan")
-
-
-def summary(xs) -> dict:
-    return {"p50": pct(xs, 50), "p95": pct(xs, 95), "max": max(xs) if xs else float("nan"), "n": len(xs)}
 
 
 def stalls(xs) -> int:
@@ -150,8 +143,7 @@ def print_stream(r):
     print(f"   {'window':>12} | {'tokens':>7} | {'chunk p50/p95/max ms':>22} | {'TTFT p50/p95/max ms':>22}")
     for w in r["windows"]:
         c, q = w["chunk"], w["ttft"]
-        print(f"   {w['from_s']:5.0f}-{w['to_s']:<5.0f}s | {w['cache_tokens']:7d} | {c['p50']:6.1f} {c['p95']:6.1f} "
-              f"{c['max']:7.1f} | {q['p50']:6.1f} {q['p95']:6.1f} {q['max']:7.1f}")
+        print(f"   {w['from_s']:5.0f}-{w['to_s']:<5.0f}s | {w['cache_tokens']:7d} | {row(c)} | {row(q)}")
     for k in ("at_2s", "at_end"):
         if k in r:
             print(f"   {k}: decode {r[k]['decode_tps']:.0f} tokens/s, ask_choice(4) {r[k]['choice4_ms']:.1f} ms")

@@ -21,17 +21,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 from model import VideoStreamInference  # noqa: E402
+from percentiles import pct  # noqa: E402
 from model.synthetic import synthetic_frames  # noqa: E402
 from model.testing import QWEN25_VL_3B_CONFIG, build_3b_processor, build_random_model  # noqa: E402
 from model.timing import GIB, device_info, sync  # noqa: E402
 
 SIZE, CHUNK, FPS, EVERY = 448, 4, 2, 10
 Q = "What is happening right now?"
-
-
-def pct(xs, q):
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(round(q / 100 * (len(xs) - 1))))]
 
 
 def main(argv=None) -> int:

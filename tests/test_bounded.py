@@ -39,6 +39,17 @@ class Recorded:
         self.turn_open, self.block = False, None  # block: None, or the open video block's [frames, fps]
         self.recalls = 0
 
+    def _refused(self, fn) -> bool:
+        """Run a committing call; True if the budget refused it (kept text fills it), the stream unchanged."""
+        before = signature(self.engine)
+        try:
+            self._call(fn)
+        except ValueError as e:
+            assert "after evicting all the video it may evict" in str(e)
+            assert_same_signature(before, signature(self.engine))
+            return True
+        return False
+
     def _call(self, fn):
         st = self.engine.stream_state
         start, kept = st.last_cache_position, st.layout.kept_ranges()
@@ -60,7 +71,8 @@ class Recorded:
         return VISION_END
 
     def video(self, frames, fps) -> None:
-        self._call(lambda: self.engine.append_frames(frames, fps=fps))
+        if self._refused(lambda: self.engine.append_frames(frames, fps=fps)):
+            return
         self._turn()
         if self.block is None:
             self.segments.append(("text", VISION_START))
@@ -68,7 +80,8 @@ class Recorded:
         self.block[0].extend(frames)
 
     def image(self) -> None:
-        self._call(lambda: self.engine.append_image(IMAGE))
+        if self._refused(lambda: self.engine.append_image(IMAGE)):
+            return
         self._turn()
         self.segments += [("text", self._close_block() + VISION_START), ("image", IMAGE), ("text", VISION_END)]
 
@@ -77,13 +90,11 @@ class Recorded:
         return [("text", self._close_block() + head), ("user", question), ("text", tail)]
 
     def turn(self, question: str) -> None:
-        before = signature(self.engine)
-        try:
-            ans = self._call(lambda: self.engine.ask(question, update_state=True, max_new_tokens=2))
-        except ValueError as e:  # kept text has filled the budget: the turn is refused, the stream kept
-            assert "after evicting all the video it may evict" in str(e)
-            assert_same_signature(before, signature(self.engine))
+        answers = []
+        if self._refused(lambda: answers.append(self.engine.ask(question, update_state=True, max_new_tokens=2))
+                         or answers[-1]):
             return
+        ans = answers[-1]
         self._turn()
         self.segments += self._question(question) + [("ids", ans.token_ids), ("text", self.p.answer_tail)]
         self.turn_open = False
