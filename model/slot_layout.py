@@ -181,6 +181,41 @@ class SlotLayout:
         return layout, out
 
 
+def check_budget(budget: Optional[Budget], sink_frames: int, grid_tokens: int, header_tokens: int) -> None:
+    """Refuse a token budget that cannot hold the first turn's header, the sink and one more grid
+    even at the smallest frames (``grid_tokens``: one 2-frame grid at the processor's minimum size;
+    larger frames are checked when they come, at commit)."""
+    if budget is None or budget.tokens is None:
+        return
+    sink = header_tokens + budget.sink_grids * grid_tokens
+    if sink > budget.tokens:
+        raise ValueError(f"StreamConfig.sink_frames={sink_frames} keeps at least {sink} tokens (the first turn's "
+                         f"header and {budget.sink_grids} grid(s) of >= {grid_tokens} tokens), more than "
+                         f"cache_budget_tokens={budget.tokens}: lower sink_frames or raise the budget")
+    if sink + grid_tokens > budget.tokens:
+        raise ValueError(f"StreamConfig.cache_budget_tokens={budget.tokens} cannot hold one chunk after the sink "
+                         f"({sink} tokens) and one grid of >= {grid_tokens} tokens: raise it to at least "
+                         f"{sink + grid_tokens}")
+
+
+def budget_stats(layout: Optional["SlotLayout"], config, transcript_tokens: int, video_seconds: float,
+                 host_bytes: int) -> dict:
+    """What ``stats()`` reports about a memory budget (the keys of ``config.BUDGET_STATS`` and
+    ``bounded``); an unbounded stream (``layout`` None) keeps all its video and evicts nothing."""
+    bounded = layout is not None
+    return {
+        "bounded": bounded, "cache_budget_tokens": config.cache_budget_tokens,
+        "video_window_seconds": config.video_window_seconds, "sink_frames": config.sink_frames if bounded else None,
+        "transcript_tokens": transcript_tokens,
+        "kept_video_seconds": layout.kept_seconds if bounded else video_seconds,
+        "evicted_seconds": layout.evicted_seconds if bounded else 0.0,
+        "evicted_grids": layout.evicted_grids if bounded else 0,
+        "evicted_tokens": layout.evicted_tokens if bounded else 0,
+        "recall_grids": config.recall_grids if bounded else 0,
+        "stored_seconds": layout.stored_seconds if bounded else 0.0, "recall_host_bytes": host_bytes,
+    }
+
+
 def free_slots(taken: torch.Tensor, n: int) -> Optional[torch.Tensor]:
     """(capacity,) bool of slots in use -> (n,) int64 of the first n free slots, or None if fewer are free."""
     free = torch.nonzero(~taken)[:, 0]

@@ -24,7 +24,7 @@ from .masks import StreamMask, branch_starts, causal_mask, slot_mask, tree_mask
 from .positions import next_start, text_positions, vision_positions
 from .prompt import VISION_END, VISION_START, encode
 from .recall import bring_back
-from .slot_layout import SlotLayout
+from .slot_layout import SlotLayout, budget_stats
 
 
 @dataclass(frozen=True)
@@ -284,30 +284,17 @@ class Stream:
         """Numbers of the committed state ``st`` (one immutable record: consistent without a lock) and backends."""
         kept = self.kv.kept(st)
         return {
-            "cache_tokens": kept, "cache_bytes": self.kv.cache.nbytes(kept), **self._budget_stats(st),
+            "cache_tokens": kept, "cache_bytes": self.kv.cache.nbytes(kept),
+            **budget_stats(st.layout, self.config, st.last_cache_position, st.video_seconds,
+                           self.kv.recall.nbytes(st.layout.stored_tokens) if self.kv.recall is not None else 0),
             "cache_reserved_bytes": self.kv.reserved_bytes(), "frames_seen": st.frames_seen,
             "pending_frames": int(st.pending_frame is not None), "video_seconds": st.video_seconds,
             "chunks": st.chunks, "turns": st.turns, "next_position": st.next_position,
             "rope_deltas": st.rope_deltas, "frame_size": st.frame_size, "fps": st.fps,
             "device": str(self.model.device), "dtype": str(self.model.dtype).replace("torch.", ""),
             **backends(self.model.config, self.fast, self.live_kernel), "fast": self.config.fast,
-            "cache": "slots+budget" if self.kv.bounded else "preallocated+length-counter", "cache_allocations": self.kv.cache.allocations,
+            "cache": "slots+budget" if self.kv.bounded else "preallocated+length-counter",
+            "cache_allocations": self.kv.cache.allocations,
             "cuda_graphs": self.runner.status() if self.runner is not None else "off",
             "vision_graphs": self.vision_graphs.status() if self.vision_graphs is not None else "off",
-        }
-
-
-    def _budget_stats(self, st: StreamState) -> dict:
-        """The memory budget and what it kept and evicted (None / 0 for an unbounded stream)."""
-        cfg, layout = self.config, st.layout
-        return {
-            "bounded": layout is not None, "cache_budget_tokens": cfg.cache_budget_tokens, "video_window_seconds": cfg.video_window_seconds,
-            "sink_frames": cfg.sink_frames if layout is not None else None, "transcript_tokens": st.last_cache_position,
-            "kept_video_seconds": layout.kept_seconds if layout is not None else st.video_seconds,
-            "evicted_seconds": layout.evicted_seconds if layout is not None else 0.0,
-            "evicted_grids": layout.evicted_grids if layout is not None else 0,
-            "evicted_tokens": layout.evicted_tokens if layout is not None else 0,
-            "recall_grids": cfg.recall_grids if layout is not None else 0,
-            "stored_seconds": layout.stored_seconds if layout is not None else 0.0,
-            "recall_host_bytes": self.kv.recall.nbytes(layout.stored_tokens) if self.kv.recall is not None else 0,
         }

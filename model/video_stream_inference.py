@@ -28,6 +28,7 @@ from .config import StreamConfig, resolve_config
 from .answer_stream import AnswerStream, finish_answer, start_answer, streamer_feed
 from .decoding import Answer, ChoiceResult, make_sampler
 from .recall import recalled
+from .slot_layout import check_budget
 from .frames import to_frame_list
 from .prompt import encode, encode_user_text, extract_vision_segment, prompt_pieces, token_ids
 from .scoring import TREE_ATTENTION, score_choices
@@ -300,25 +301,14 @@ class VideoStreamInference(Transactional):
         return None, {"seconds": time.perf_counter() - t0, **self._stream.stats(self.stream_state)}
 
     def _check_budget(self) -> None:
-        """Refuse a token budget that cannot hold the first turn, the sink and one more grid, even at
-        the smallest frames the video processor makes (larger frames are checked when they come)."""
+        """Refuse a budget this model and processor cannot work with (``slot_layout.check_budget``)."""
         budget = self.config.budget()
         if budget is not None and budget.recall_grids and not self.model.stream_kernels:
             raise ValueError("StreamConfig.recall_grids needs the model built on attn_implementation='sdpa' (recall "
                              "reads the question's queries in the stream attention dispatcher)")
-        if budget is None or budget.tokens is None:
-            return
         pix = self.video_pixels
-        grid = max(1, pix.min_pixels // pix.factor**2)  # tokens of one 2-frame grid at the smallest size
-        header = len(encode(self.tokenizer, self.pieces.first_turn_header)) + 2  # + vision start/end
-        sink = header + budget.sink_grids * grid
-        if sink > budget.tokens:
-            raise ValueError(f"StreamConfig.sink_frames={self.config.sink_frames} keeps at least {sink} tokens (the "
-                             f"first turn's header and {budget.sink_grids} grid(s) of >= {grid} tokens), more than "
-                             f"cache_budget_tokens={budget.tokens}: lower sink_frames or raise the budget")
-        if sink + grid > budget.tokens:
-            raise ValueError(f"StreamConfig.cache_budget_tokens={budget.tokens} cannot hold one chunk after the sink "
-                             f"({sink} tokens) and one grid of >= {grid} tokens: raise it to at least {sink + grid}")
+        check_budget(budget, self.config.sink_frames, max(1, pix.min_pixels // pix.factor**2),
+                     len(encode(self.tokenizer, self.pieces.first_turn_header)) + 2)  # + vision start/end
 
     def _default_fps(self) -> float:
         if not self._warned_fps:
