@@ -12,7 +12,9 @@ own cache buffers:
   (1, 1, b, capacity) mask hides everything past each row's position. Pad rows write K/V past
   the working length, which later segments overwrite. Graphs are re-captured when the cache's
   buffers are replaced (growth; ``reserve``/``warmup`` or ``StreamConfig.initial_capacity`` avoid it).
-  Only the last real row's logits leave the graph.
+  Only the last real row's logits leave the graph. A bounded stream (``slot_layout.py``) passes
+  the rows' free slots and its kept-slot map as static inputs instead; its rows see what their
+  rank (``masks.rank_of``) allows, so pad rows write slots no head uses.
 - vision tower: one graph per grid shape, with the window layout precomputed
   (``compat.vision_static_kwargs``) so nothing syncs with the host inside.
 A capture that fails turns that kind of graph off (``disabled`` says why); the caller then
@@ -31,7 +33,7 @@ from . import compat
 from .config import StreamConfig
 from .kv_cache import CacheView, StreamKVCache
 from .kv_cache_manager import KVCacheManager
-from .masks import StreamMask, static_causal_mask
+from .masks import StreamMask, rank_mask, rank_of, static_causal_mask
 
 _CAPTURE_LOCK = threading.Lock()  # one capture at a time in the process (not a setting)
 _POOLS: dict = {}  # device -> the memory pool every graph on it shares (not a setting)
@@ -69,6 +71,8 @@ class _Graph:
     positions: Optional[torch.Tensor] = None  # (3, 1, b) M-RoPE positions
     start: Optional[torch.Tensor] = None  # () where the segment's first token goes
     last: Optional[torch.Tensor] = None  # (1,) the row whose logits are returned (the segment's last token)
+    index: Optional[torch.Tensor] = None  # (b,) a bounded stream's slots for the rows
+    visible: Optional[torch.Tensor] = None  # (capacity,) bool, a bounded stream's kept slots
     keep: tuple = field(default=())  # every other tensor the graph reads: it must outlive the graph
 
 
@@ -128,16 +132,21 @@ class GraphRunner(_Recorder):
         return n if n <= self.config.max_graph_embed_rows else None
 
     @torch.no_grad()
-    def run(self, kind: str, start: int, inputs: torch.Tensor, positions: torch.Tensor) -> Optional[torch.Tensor]:
+    def run(self, kind: str, start: int, inputs: torch.Tensor, positions: torch.Tensor,
+            index: Optional[torch.Tensor] = None, visible: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
         """Write a segment at ``start``; capacity for ``rows(kind, n)`` tokens must be there.
 
         kind "ids": (n,) token ids -> (1, 1, V) float32 logits of the last one; kind "embeds":
-        (1, n, D) embeddings -> an empty tensor. None if no graph could be captured.
+        (1, n, D) embeddings -> an empty tensor. None if no graph could be captured. A bounded
+        stream passes ``index``: (rows,) free slots, the segment's first, and ``visible``: its kept slots.
         """
         n = inputs.shape[0] if kind == "ids" else inputs.shape[1]
-        g = self._graph(kind, self.rows(kind, n), start)
+        g = self._graph(kind, self.rows(kind, n), start, index)
         if g is None:
             return None
+        if index is not None:
+            g.index.copy_(index)
+            g.visible.copy_(visible)
         if kind == "ids":
             g.inputs[:n].copy_(inputs, non_blocking=True)
         else:
@@ -149,21 +158,22 @@ class GraphRunner(_Recorder):
         g.graph.replay()
         return g.out.clone() if kind == "ids" else g.out[:, :0]
 
-    def _graph(self, kind: str, b: int, start: int) -> Optional[_Graph]:
+    def _graph(self, kind: str, b: int, start: int, index: Optional[torch.Tensor] = None) -> Optional[_Graph]:
         if self.buffers is not self.cache.buffers:  # new buffers (growth): every graph points at the old ones
             self.graphs = {}
             self.buffers = self.cache.buffers
         key = (kind, b)
         if key not in self.graphs:
             try:
-                self.graphs[key] = self._capture(kind, b, start)
+                self.graphs[key] = self._capture(kind, b, start, index)
             except RuntimeError as e:  # e.g. an op that syncs with the host during capture
                 self.fail(e)
                 return None
         return self.graphs[key]
 
-    def _capture(self, kind: str, b: int, at: int) -> _Graph:
-        """Record the step; warm-up and capture write K/V at [at, at+b), past the working head."""
+    def _capture(self, kind: str, b: int, at: int, slots: Optional[torch.Tensor] = None) -> _Graph:
+        """Record the step; warm-up and capture write K/V at [at, at+b), past the working head (a bounded
+        stream: at ``slots``, free in every reachable head), never where a committed token is."""
         model, device, cfg = self.model, self.model.device, self.config
         if kind == "ids":
             inputs = torch.zeros(b, dtype=torch.long, device=device)
@@ -176,10 +186,19 @@ class GraphRunner(_Recorder):
         cols = torch.arange(self.cache.capacity, device=device)
         zero = torch.zeros((), dtype=model.dtype, device=device)
         buffers = self.cache.buffers
+        bounded = slots is not None
+        slot_index = slots.clone() if bounded else None  # (b,) static: where a bounded stream's rows go
+        visible = torch.zeros(self.cache.capacity, dtype=torch.bool, device=device) if bounded else None
+        scan = torch.tensor(self.cache.capacity, dtype=torch.long, device=device)
 
         def step() -> torch.Tensor:
-            index = start + rows  # (b,) where this segment's K/V go
-            if self.live_kernel is not None:  # attention reads [0, start+b) only: cost follows the live length
+            index = slot_index if bounded else start + rows  # (b,) where this segment's K/V go
+            if bounded:  # scattered slots: each slot's rank says which rows see it
+                rank = rank_of(visible, index)
+                mask = (StreamMask(0, None, cfg.fold_max_rows, cfg.rows_max_scores, scan, rank=rank)
+                        if self.live_kernel is not None else
+                        StreamMask(0, rank_mask(rank, b, None, model.dtype), cfg.fold_max_rows, cfg.rows_max_scores))
+            elif self.live_kernel is not None:  # attention reads [0, start+b) only: cost follows the live length
                 mask = self.live_kernel(at, b, model.dtype, start)
             else:  # the whole capacity, masked per row
                 mask = StreamMask(0, static_causal_mask(index, cols, zero), cfg.fold_max_rows, cfg.rows_max_scores)
@@ -188,7 +207,8 @@ class GraphRunner(_Recorder):
             return model.lm_head(hidden.index_select(1, last)).float() if kind == "ids" else hidden[:, :1, :1]
 
         graph, out = self.record(step)
-        return _Graph(graph, inputs, out, positions, start, last, keep=(rows, cols, zero, buffers))
+        return _Graph(graph, inputs, out, positions, start, last, slot_index, visible,
+                      keep=(rows, cols, zero, buffers, scan))
 
 
 class VisionGraphs(_Recorder):

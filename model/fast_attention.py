@@ -61,7 +61,8 @@ def _rows_attention(query, key, value, mask, scaling, n, g):
 def _stream_kernels(query, key, value, spec: StreamMask, scaling):
     """query (B, Hq, n, D), key/value (B, Hkv, L, D) -> (B, n, Hq, D)."""
     if spec.start is not None and spec.dense is None:
-        return triton_attention.attention(query, key, value, spec.start, scaling, branches=spec.branches)
+        return triton_attention.attention(query, key, value, spec.start, scaling, branches=spec.branches,
+                                          rank=spec.rank)
     b, hq, n, d = query.shape
     g = hq // key.shape[1]
     mask = spec.dense

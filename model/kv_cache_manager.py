@@ -125,26 +125,31 @@ class KVCacheManager:
         return taken
 
     def slot_view(self, txn: Transaction, n: int) -> tuple[CacheView, torch.Tensor]:
-        """Where a bounded stream's forward of n tokens writes -> (view, (n,) int64 device slots).
+        """Where a bounded stream's forward of n tokens writes -> (view, (n,) int64 CPU slots; the
+        view's ``index`` holds them on the device).
 
         Slots free in every reachable head, lowest first (the cache grows when too few are free).
-        One call may add at most the token budget (so a bounded cache never holds more than twice it).
         """
+        self.check_call(txn, n)
+        slots = self.allocate(txn, n)
+        return CacheView(self.cache.buffers, txn.length, slots.to(self.cache.device)), slots
+
+    def check_call(self, txn: Transaction, n: int) -> None:
+        """One call may add at most the token budget (so a bounded cache never holds more than twice it)."""
         added = txn.length + n - self._state.last_cache_position
         if self.budget.tokens is not None and added > self.budget.tokens:
             raise ValueError(f"this call adds {added} tokens to the cache, more than StreamConfig.cache_budget_tokens="
                              f"{self.budget.tokens}: append fewer frames per call (or raise the budget)")
-        index = self.allocate(txn, n)
-        return CacheView(self.cache.buffers, txn.length, index), index
 
     def allocate(self, txn: Transaction, n: int) -> torch.Tensor:
-        """(n,) int64 device slots free in every reachable head, lowest first (grows the cache if needed)."""
+        """(n,) int64 CPU slots free in every reachable head, lowest first (grows the cache if needed).
+        On the host, so that recording them never waits for the device."""
         slots = free_slots(self._taken(txn), n)
         if slots is None:
             cap = self.cache.capacity
             self.cache.ensure(cap + n, keep=cap)  # scattered slots: keep the whole buffers
             slots = free_slots(self._taken(txn), n)
-        return slots.to(self.cache.device)
+        return slots
 
     def settle(self, txn: Transaction) -> None:
         """A transaction's last step before its commit: evict what the budget requires (bounded streams).

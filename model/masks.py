@@ -5,7 +5,8 @@
 - ``tree_mask``: several choice branches packed after a shared prefix, each seeing the cache
   and its own earlier tokens;
 - ``static_causal_mask``: the graph form, a row per token over the whole preallocated capacity;
-- ``slot_mask``: a bounded stream's form, over scattered cache slots (``slot_layout.py``);
+- ``rank_of`` / ``rank_mask`` / ``slot_mask``: a bounded stream's forms, over scattered cache
+  slots (``slot_layout.py``): a per-slot rank (kept, k-th new token, nothing), and the dense mask;
 - ``StreamMask``: what the fast attention kernels are handed instead of a tensor (the causal
   case needs no tensor at all: a bottom-right causal bias).
 Additive masks hold 0 where a key is visible and the dtype's minimum where it is not.
@@ -35,6 +36,7 @@ class StreamMask:
     rows_max_scores: int = 96 * 2**20
     start: Optional[torch.Tensor] = None
     branches: Optional[torch.Tensor] = None  # (n,) int32 where each token's branch starts (a tree), with ``start``
+    rank: Optional[torch.Tensor] = None  # (capacity,) int32 ``rank_of`` of a bounded stream, with ``start`` = slots to scan
     on_query: Optional[Callable] = None  # recall's probe: called (layer index, (B, H_q, n, D) rotated queries)
 
 
@@ -75,17 +77,29 @@ def static_causal_mask(index: torch.Tensor, columns: torch.Tensor, zero: torch.T
     return torch.where(columns[None, :] <= index[:, None], zero, torch.finfo(zero.dtype).min)[None, None]
 
 
+def rank_of(visible: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """(capacity,) int32 rank of each slot of a slot cache for a segment written at (n,) ``slots``:
+    0 a kept token (``visible``), k >= 1 the segment's k-th new token, -1 nothing."""
+    rank = visible.to(torch.int32) - 1
+    return rank.index_copy_(0, slots, torch.arange(1, slots.numel() + 1, dtype=torch.int32, device=slots.device))
+
+
+def rank_mask(rank: torch.Tensor, rows: int, lengths: Optional[list[int]], dtype) -> torch.Tensor:
+    """(1, 1, rows, capacity) additive mask from a ``rank_of``: row r sees kept slots and the new tokens
+    at or before it (with ``lengths``, choice branches: only those of its own branch)."""
+    r = torch.arange(rows, device=rank.device)[:, None]
+    new = rank[None, :].long() - 1  # (1, capacity) index of a new token in the segment
+    allowed = (rank[None, :] == 0) | ((new >= 0) & (new <= r))
+    if lengths is not None:
+        allowed &= (rank[None, :] == 0) | (new >= branch_starts(lengths, rank.device).long()[:, None])
+    zero = torch.zeros((), dtype=dtype, device=rank.device)
+    return torch.where(allowed, zero, torch.finfo(dtype).min)[None, None]
+
+
 def slot_mask(visible: torch.Tensor, slots: torch.Tensor, lengths: Optional[list[int]], dtype) -> torch.Tensor:
     """(1, 1, n, capacity) additive mask for n new tokens written at (n,) ``slots`` of a slot cache.
 
     ``visible`` (capacity,) bool: the slots of kept tokens, all visible. Among the new tokens:
     causal in their order, or, with ``lengths``, choice branches (each sees its own earlier tokens).
     """
-    n, device = slots.numel(), slots.device
-    if lengths is None:
-        own = torch.ones(n, n, dtype=torch.bool, device=device).tril()
-    else:
-        own = tree_mask(0, lengths, torch.float32, device)[0, 0] == 0  # (n, n) bool
-    allowed = visible.to(device)[None, :].repeat(n, 1)  # (n, capacity)
-    allowed[:, slots] = own
-    return torch.zeros(n, visible.numel(), dtype=dtype, device=device).masked_fill_(~allowed, torch.finfo(dtype).min)[None, None]
+    return rank_mask(rank_of(visible.to(slots.device), slots), slots.numel(), lengths, dtype)

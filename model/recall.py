@@ -94,11 +94,12 @@ def bring_back(stream, txn, question: str) -> None:
     stored, kv = txn.state.layout.stored, stream.kv
     scores = kv.recall.scores(queries, stored)
     best = sorted(sorted(range(len(stored)), key=lambda i: (-scores[i], -stored[i].seq))[:stream.config.recall_grids])
-    slots = kv.allocate(txn, sum(stored[i].n for i in best))  # (n,) device
+    slots = kv.allocate(txn, sum(stored[i].n for i in best))  # (n,) CPU
+    device_slots = slots.to(kv.cache.device)
     spans, at = [], 0
     for i in best:
         span = stored[i]
-        kv.recall.load(kv.cache, span, slots[at:at + span.n])
-        spans.append(span.moved(slots[at:at + span.n].cpu(), recalled=True))
+        kv.recall.load(kv.cache, span, device_slots[at:at + span.n])
+        spans.append(span.moved(slots[at:at + span.n], recalled=True))
         at += span.n
     txn.update(layout=txn.state.layout.recall(spans))

@@ -20,7 +20,7 @@ from .cuda_graphs import GraphRunner, VisionGraphs
 from .fast_attention import backends, live_length_kernel, vision_varlen_supported
 from .frames import pad_to_temporal_patch, patchify, resize_frames, target_size
 from .kv_cache_manager import KVCacheManager, Transaction
-from .masks import StreamMask, branch_starts, causal_mask, slot_mask, tree_mask
+from .masks import StreamMask, branch_starts, causal_mask, rank_of, slot_mask, tree_mask
 from .positions import next_start, text_positions, vision_positions
 from .prompt import VISION_END, VISION_START, encode
 from .recall import bring_back
@@ -62,12 +62,10 @@ class Stream:
                                  initial_state=StreamState(), grow_min=config.grow_min,
                                  initial_capacity=config.initial_capacity, budget=config.budget())
         self.fast = config.fast and model.stream_kernels
-        # A bounded stream's cache is scattered slots: dense slot masks, no live-length kernel, no LM graphs.
-        bounded = self.kv.bounded
-        self.live_kernel = not bounded and live_length_kernel(config.attention_kernel, self.fast, model.device)
+        self.live_kernel = live_length_kernel(config.attention_kernel, self.fast, model.device)
         graphs = self.fast and model.device.type == "cuda"
         self.runner = (GraphRunner(model, self.kv, config, live_kernel=self.causal if self.live_kernel else None)
-                       if graphs and config.cuda_graphs and not bounded else None)
+                       if graphs and config.cuda_graphs else None)
         varlen_graphs = graphs and config.vision_graphs and self.varlen
         self.vision_graphs = VisionGraphs(model) if varlen_graphs else None
 
@@ -90,12 +88,20 @@ class Stream:
         """
         n = inputs.shape[0] if kind == "ids" else inputs.shape[1]
         slots, out = None, None
+        graph_fits = logits != "all" and (kind == "ids" or logits == "none") and tree is None and on_query is None
+        rows = self.runner.rows(kind, n) if self.runner is not None and graph_fits else None
         if self.kv.bounded:
-            view, slots = self.kv.slot_view(txn, n)
-            mask = self.bounded_mask(txn, slots, tree, on_query)
+            if rows is not None:  # a graph over the whole cache: rows slots, the first n are the segment's
+                self.kv.check_call(txn, n)
+                index = self.kv.allocate(txn, rows)  # (rows,) CPU
+                visible = txn.state.layout.visible(self.kv.cache.capacity, self.model.device)
+                out = self.runner.run(kind, txn.length, inputs, positions, index=index.to(self.model.device),
+                                      visible=visible)
+                slots = index[:n] if out is not None else None
+            if out is None:
+                view, slots = self.kv.slot_view(txn, n)
+                mask = self.bounded_mask(txn, view.index, tree, on_query)
         else:
-            graph_fits = logits != "all" and (kind == "ids" or logits == "none") and tree is None  # graphs return these
-            rows = self.runner.rows(kind, n) if self.runner is not None and graph_fits else None
             if rows is not None:
                 self.kv.ensure(txn, rows)
                 out = self.runner.run(kind, txn.length, inputs, positions)  # None: no graph could be captured
@@ -131,11 +137,16 @@ class Stream:
         return StreamMask(past, dense, cfg.fold_max_rows, cfg.rows_max_scores) if self.fast else dense
 
     def bounded_mask(self, txn: Transaction, slots: torch.Tensor, tree: Optional[list[int]] = None, on_query=None):
-        """A bounded stream's mask for new tokens at (n,) ``slots``: the working head's kept slots, then
+        """A bounded stream's mask for new tokens at (n,) device ``slots``: the working head's kept slots, then
         causal (or ``tree`` branches) among the new ones; (1, 1, n, capacity), in this stream's form."""
-        cap = self.kv.cache.capacity
-        dense = slot_mask(txn.state.layout.visible(cap, self.model.device), slots, tree, self.model.dtype)
-        cfg = self.config
+        cap, cfg = self.kv.cache.capacity, self.config
+        visible = txn.state.layout.visible(cap, self.model.device)
+        if self.live_kernel:  # the Triton kernel scans the slots, each slot's rank says who sees it
+            start = torch.tensor(cap, dtype=torch.long, device=self.model.device)
+            branches = branch_starts(tree, self.model.device) if tree is not None else None
+            return StreamMask(txn.length, None, cfg.fold_max_rows, cfg.rows_max_scores, start, branches,
+                              rank=rank_of(visible, slots), on_query=on_query)
+        dense = slot_mask(visible, slots, tree, self.model.dtype)
         if not self.fast and on_query is None:
             return dense
         return StreamMask(txn.length, dense, cfg.fold_max_rows, cfg.rows_max_scores, on_query=on_query)

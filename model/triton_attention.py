@@ -9,6 +9,9 @@ never needs a re-capture as it grows.
 - grouped-query heads are folded into rows: the g query heads of one K/V head share every K/V
   load (K/V read once per split, never copied);
 - a tree of choice branches (``ask_choice``) is a per-row lower bound on the new keys it sees;
+- a bounded stream's scattered slots (``slot_layout.py``): a per-slot ``rank`` says what each
+  key is (0 a kept token, k >= 1 the segment's k-th new token, -1 nothing) and ``start`` how
+  many slots to scan;
 - split-K ("flash-decoding"): the keys are cut into ``splits`` ranges handled by separate
   programs, so one query row still fills the GPU; a second kernel merges the partial results
   by their log-sum-exp;
@@ -42,14 +45,17 @@ def available(device: torch.device) -> bool:
 if triton is not None:
 
     @triton.jit
-    def _split_kernel(Q, K, V, Start, Branch, Acc, Lse,
+    def _split_kernel(Q, K, V, Start, Branch, Rank, Acc, Lse,
                       sqh, sqt, sqd, skh, skt, skd, svh, svt, svd,
                       n, G, M, scale,
                       SPLITS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr,
-                      FP32: tl.constexpr, TREE: tl.constexpr):
+                      FP32: tl.constexpr, TREE: tl.constexpr, RANK: tl.constexpr):
         mb, h, s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         start = tl.load(Start).to(tl.int32)
-        kv_len = start + n
+        if RANK:  # scattered slots: scan [0, start), the rank of each slot says who sees it
+            kv_len = start
+        else:
+            kv_len = start + n
         rows = mb * BM + tl.arange(0, BM)  # folded rows: (head in group, token)
         row_ok = rows < M
         qh = h * G + rows // n
@@ -57,7 +63,9 @@ if triton is not None:
         d = tl.arange(0, D)
         q = tl.load(Q + qh[:, None] * sqh + t[:, None] * sqt + d[None, :] * sqd, mask=row_ok[:, None], other=0.0)
         if TREE:  # row t also skips the new tokens before its branch: keys [start, start + branch[t])
-            first = start + tl.load(Branch + t, mask=row_ok, other=0)
+            first = tl.load(Branch + t, mask=row_ok, other=0)
+            if not RANK:
+                first = first + start
         per = tl.cdiv(tl.cdiv(kv_len, BN), SPLITS) * BN
         lo = s * per
         hi = tl.minimum(lo + per, kv_len)
@@ -73,9 +81,16 @@ if triton is not None:
             else:
                 sc = tl.dot(q, tl.trans(k))
             sc = sc * scale
-            visible = key_ok[None, :] & (j[None, :] <= start + t[:, None])
-            if TREE:
-                visible = visible & ((j[None, :] < start) | (j[None, :] >= first[:, None]))
+            if RANK:
+                rk = tl.load(Rank + j, mask=key_ok, other=-1)  # 0 kept, k >= 1 the k-th new token, -1 none
+                new = rk[None, :] - 1  # index of a new key in the segment
+                visible = key_ok[None, :] & ((rk[None, :] == 0) | ((rk[None, :] >= 1) & (new <= t[:, None])))
+                if TREE:
+                    visible = visible & ((rk[None, :] == 0) | (new >= first[:, None]))
+            else:
+                visible = key_ok[None, :] & (j[None, :] <= start + t[:, None])
+                if TREE:
+                    visible = visible & ((j[None, :] < start) | (j[None, :] >= first[:, None]))
             sc = tl.where(visible, sc, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(sc, 1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -131,13 +146,18 @@ def _block_m(rows: int) -> int:
 
 
 def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, start: torch.Tensor, scale: float,
-              splits: Optional[int] = None, branches: Optional[torch.Tensor] = None) -> torch.Tensor:
+              splits: Optional[int] = None, branches: Optional[torch.Tensor] = None,
+              rank: Optional[torch.Tensor] = None) -> torch.Tensor:
     """query (1, Hq, n, D) at positions [start, start+n); key/value (1, Hkv, >= start+n, D) buffers.
 
     ``start``: a 0-d integer tensor on the query's device. ``branches``: None (causal), or an (n,)
     int32 tensor giving, per new token, the offset where its branch starts (a tree of choices:
     token t sees the cache and new tokens branches[t]..t). Returns (1, n, Hq, D): what
     transformers' attention functions return. Only keys [0, start+n) are read.
+
+    ``rank`` (capacity,) int32 (a bounded stream's scattered slots): keys [0, start) are scanned
+    and slot j is seen by row t if rank[j] == 0 (kept) or 1 <= rank[j] <= t + 1 (a new token
+    written at or before t; with ``branches``, also rank[j] - 1 >= branches[t]).
     """
     _, hq, n, d = query.shape
     hkv = key.shape[1]
@@ -151,8 +171,9 @@ def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, start
     q, k, v = query[0], key[0], value[0]
     fp32 = query.dtype == torch.float32
     _split_kernel[(triton.cdiv(m, bm), hkv, splits)](
-        q, k, v, start, branches if branches is not None else start, acc, lse, *q.stride(), *k.stride(), *v.stride(),
-        n, g, m, scale, SPLITS=splits, BM=bm, BN=BLOCK_N, D=d, FP32=fp32, TREE=branches is not None)
+        q, k, v, start, branches if branches is not None else start, rank if rank is not None else start, acc, lse,
+        *q.stride(), *k.stride(), *v.stride(), n, g, m, scale, SPLITS=splits, BM=bm, BN=BLOCK_N, D=d, FP32=fp32,
+        TREE=branches is not None, RANK=rank is not None)
     _merge_kernel[(triton.cdiv(m, bm), hkv)](acc, lse, out, out.stride(1), out.stride(2), out.stride(3), n, g, m, hkv,
                                              SPLITS=splits, BM=bm, D=d)
     return out

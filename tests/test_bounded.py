@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from model import StreamConfig, VideoStreamInference
+from model.cuda_graphs import GraphRunner
 from model.offline import bounded_visibility, build_inputs, masked_logits
 from model.prompt import VISION_END, VISION_START
 from model.testing import synthetic_frames
@@ -134,9 +135,11 @@ def check_policy(engine: VideoStreamInference, texts_written: set) -> None:
         assert sum(s.seconds for s in layout.spans if s.grid >= budget.sink_grids) <= budget.window_seconds + 1e-9
 
 
-@pytest.mark.parametrize("seed, recall", [(s, 0) for s in range(6)] + [(s, 1 + s % 3) for s in range(6, 10)])
-def test_random_bounded_streams_equal_the_masked_offline_reference(tiny, seed, recall):
-    """With recall, each question's reference also shows it the grids it recalled (Answer.recalled)."""
+@pytest.mark.parametrize("seed, recall, graphs", [(s, 0, False) for s in range(6)] + [(s, 1 + s % 3, False) for s in
+                                                   range(6, 10)] + [(s, s % 2, True) for s in range(10, 13)])
+def test_random_bounded_streams_equal_the_masked_offline_reference(tiny, seed, recall, graphs):
+    """With recall, each question's reference also shows it the grids it recalled (Answer.recalled).
+    ``graphs``: the CUDA-graph path's static shapes (slots padded to buckets), replayed eagerly."""
     rng = random.Random(seed)
     fps = rng.choice([1, 2, 4])
     tokens = [None, 90, 110, 140 if seed < 6 else 100][seed % 4]
@@ -144,6 +147,8 @@ def test_random_bounded_streams_equal_the_masked_offline_reference(tiny, seed, r
     config = StreamConfig(fast=seed % 2 == 0, cache_budget_tokens=tokens, video_window_seconds=window,
                           sink_frames=rng.choice([0, 2, 3]), recall_grids=recall, recall_host_tokens=60)
     rec, texts = Recorded(VideoStreamInference(*tiny, config=config)), set()
+    if graphs:
+        rec.engine._stream.runner = GraphRunner(tiny[0], rec.engine.kv, rec.engine.config, capture=False)
     seen, evictions = 0, 0
     while seen < 30:
         n = rng.randint(1, 5)
@@ -161,6 +166,7 @@ def test_random_bounded_streams_equal_the_masked_offline_reference(tiny, seed, r
     rec.check_ask("And now?")
     assert evictions > 0, "the budget never evicted anything: the test would not test eviction"
     assert rec.recalls > 0 if recall else rec.recalls == 0
+    assert not graphs or rec.engine._stream.runner.captures > 0
     if recall:  # the host keeps at most recall_host_tokens of evicted video, the newest
         stored = rec.engine.stream_state.layout.stored
         assert 0 < sum(s.n for s in stored) <= 60 and [s.grid for s in stored] == sorted(s.grid for s in stored)

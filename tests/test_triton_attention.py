@@ -69,6 +69,39 @@ plain.append_frames(frames, fps=4)
 expected = plain.ask_choice("Which?", ["a b c", "dd", "x"]).scores
 for s in scores:
     assert all(abs(x - y) <= 1e-4 for x, y in zip(s, expected)), (s, expected)
+
+# bounded streams: scattered slots, a per-slot rank in the kernel, equal to SDPA with the dense slot mask
+from model.masks import rank_of, slot_mask
+for n, cap, kept, splits, lengths in [(1, 64, 30, 1, None), (5, 200, 120, 3, None), (8, 150, 60, 2, [3, 1, 4])]:
+    q = torch.randn(1, n, 4, 16).transpose(1, 2)
+    k, v = torch.randn(1, 2, cap, 16), torch.randn(1, 2, cap, 16)
+    perm = torch.randperm(cap)
+    visible = torch.zeros(cap, dtype=torch.bool)
+    visible[perm[:kept]] = True
+    slots = perm[kept:kept + n].sort().values
+    dense = slot_mask(visible, slots, lengths, torch.float32)
+    want = F.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), attn_mask=dense,
+                                          scale=0.25).transpose(1, 2)
+    got = ta.attention(q, k, v, torch.tensor(cap), 0.25, splits=splits, rank=rank_of(visible, slots),
+                       branches=branch_starts(lengths, "cpu") if lengths else None)
+    worst = max(worst, float((got - want).abs().max()))
+assert worst < 1e-5, worst
+bounded = []
+for kernel, graphs in (("torch", False), ("triton", False), ("triton", True)):
+    e = VideoStreamInference(model, proc, config=StreamConfig(attention_kernel=kernel, cache_budget_tokens=90,
+                                                              recall_grids=1))
+    if graphs:
+        e._stream.runner = GraphRunner(model, e.kv, e.config, capture=False, live_kernel=e._stream.causal)
+    for i in range(0, 9, 3):
+        e.append_frames(frames[i:i + 3], fps=4)
+    assert e.stats()["evicted_grids"] > 0
+    assert e.stats()["text_attention"] == ("stream_triton" if kernel == "triton" else "stream_sdpa")
+    assert not graphs or e._stream.runner.captures > 0
+    a = e.ask("What?", max_new_tokens=3)
+    bounded.append((a.first_logits, a.token_ids, e.ask_choice("Which?", ["a b c", "dd"]).scores))
+for logits, tokens, choice in bounded[1:]:
+    assert float((logits - bounded[0][0]).abs().max()) <= 1e-4 and tokens == bounded[0][1]
+    assert all(abs(x - y) <= 1e-4 for x, y in zip(choice, bounded[0][2])), (choice, bounded[0][2])
 print("ok", worst)
 """
 
