@@ -59,7 +59,8 @@ class RecallStore:
             k = torch.stack([kb.index_select(2, index)[0] for kb, _ in cache.buffers])  # (L, H_kv, n, D)
             v = torch.stack([vb.index_select(2, index)[0] for _, vb in cache.buffers])
             summary = k.float().mean(2)  # (L, H_kv, D), stays on the device: questions score all of them
-            k, v = (t.cpu().pin_memory() if pin else t.cpu().clone() for t in (k, v))
+            # pinned host memory, copied without waiting for the device (later loads are ordered after it)
+            k, v = (torch.empty(t.shape, dtype=t.dtype, pin_memory=pin).copy_(t, non_blocking=pin) for t in (k, v))
             self._grids[span.grid] = (k, v, summary)
             self.token_bytes = 2 * k[:, :, :1].numel() * k.element_size()
 

@@ -127,7 +127,7 @@ class BoundedMode(StreamMode):
         self.budget = dict(budget)
 
     def engine_for(self, engine):
-        """A bounded engine over ``engine``'s model (the model is stateless: weights are shared)."""
+        """A bounded engine over ``engine``'s model (weights shared; the runner makes it once per run and warms it)."""
         return VideoStreamInference(engine.model, engine.processor, config=engine.config.replace(**self.budget))
 
     def advance(self, engine, frames: list, n_seen: int, fps: float) -> dict:

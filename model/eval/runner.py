@@ -97,6 +97,7 @@ def run_benchmark(engine, annotations: Annotations, video_root: Optional[str | o
     done = sum(store.is_done(m, e.event_id) for e in annotations.events for m in config.modes)
     overall = tqdm(total=total, initial=done, desc="all events", unit="answer", disable=not config.progress)
     warmed = False
+    engines = {}  # mode -> the engine it runs on, made and warmed once (a bounded mode has its own)
     try:
         for video, events in by_video.items():
             pending = {m: [e for e in events if not store.is_done(m, e.event_id)] for m in config.modes}
@@ -111,7 +112,13 @@ def run_benchmark(engine, annotations: Annotations, video_root: Optional[str | o
                 warmed = _warm_up(engine, events[0], frames[1], config)
             for name in config.modes:
                 if pending[name]:
-                    _run_mode(engine, name, pending[name], frames, config, store, result, on_record, overall)
+                    if name not in engines:
+                        mode_engine = make_mode(name, config.chunk_frames, config.window_frames,
+                                                config.budget).engine_for(engine)
+                        if mode_engine is not engine:
+                            _warm_up(mode_engine, events[0], frames[1], config)
+                        engines[name] = mode_engine
+                    _run_mode(engines[name], name, pending[name], frames, config, store, result, on_record, overall)
         result.completed = True
     except KeyboardInterrupt:  # Ctrl-C: keep what is answered, report it, resume later
         print("\ninterrupted: answers so far are in the JSONL; run the same command again to resume",
@@ -170,7 +177,6 @@ def _run_mode(engine, name: str, events: list[Event], decoded, config: EvalConfi
               result: RunResult, on_record, overall) -> None:
     timestamps, frames = decoded
     mode = make_mode(name, config.chunk_frames, config.window_frames, config.budget)
-    engine = mode.engine_for(engine)
     mode.start_video(engine)
     cuda = engine.model.device.type == "cuda"
     if cuda:
