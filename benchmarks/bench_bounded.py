@@ -44,11 +44,14 @@ def memory_gib(cuda: bool) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB
 
 
-def soak(engine, args, cuda: bool) -> dict:
+def soak(engine, args, cuda: bool, twin=None) -> dict:
+    """``twin``: an engine without recall fed the same frames, asked the same questions (recall's cost)."""
     fps, size, chunk = args.fps, args.size, args.chunk
     n_frames = int(args.minutes * 60 * fps)
     frames = synthetic_frames(min(n_frames, 600), size, size)  # cycled: content does not change the cost
     warm = engine.warmup((size, size), chunk, fps=fps, capacity=args.capacity)
+    if twin is not None:
+        twin.warmup((size, size), chunk, fps=fps, capacity=args.capacity)
     captures_after_warmup = engine.stats()["cuda_graphs"]
     rows, asks, filled_at = [], [], None
     next_ask = args.ask_every
@@ -64,6 +67,8 @@ def soak(engine, args, cuda: bool) -> dict:
             filled_at = t
         rows.append({"t": t, "ms": 1e3 * (time.perf_counter() - t0), "kept": info.cache_len,
                      "mem_gib": memory_gib(cuda)})
+        if twin is not None:
+            twin.append_frames(batch, fps=fps)
         if t >= next_ask:
             next_ask += args.ask_every
             sync()
@@ -71,6 +76,8 @@ def soak(engine, args, cuda: bool) -> dict:
             ans = engine.ask(Q, max_new_tokens=1)
             asks.append({"t": t, "ttft_ms": 1e3 * ans.ttft_s, "wall_ms": 1e3 * (time.perf_counter() - t0),
                          "recalled": len(ans.recalled)})
+            if twin is not None:
+                asks[-1]["twin_ttft_ms"] = 1e3 * twin.ask(Q, max_new_tokens=1).ttft_s
     end = engine.stats()
     return {"frames": n_frames, "warmup": warm, "filled_at_s": filled_at, "chunks": rows, "questions": asks,
             "graphs_after_warmup": captures_after_warmup, "graphs_at_end": end["cuda_graphs"],
@@ -117,6 +124,9 @@ def main(argv=None) -> int:
     p.add_argument("--recall-grids", type=int, default=0)
     p.add_argument("--recall-host-tokens", type=int, default=262_144, help="evicted tokens kept on the host for recall")
     p.add_argument("--capacity", type=int, default=None, help="tokens reserved by warmup (default budget + 4096)")
+    p.add_argument("--compare-recall", action="store_true",
+                   help="with --recall-grids: also stream a twin without recall and report the TTFT recall adds "
+                        "(memory figures then include the twin)")
     p.add_argument("--out", default="out")
     args = p.parse_args(argv)
     cuda = torch.cuda.is_available()
@@ -133,8 +143,15 @@ def main(argv=None) -> int:
     else:
         model, proc = build_tiny_model()
         engine, what, weights = VideoStreamInference(model, proc, config=config), "tiny random model, fp32 (CPU)", 0.0
+    twin = None
+    if args.compare_recall and args.recall_grids:
+        twin = VideoStreamInference(engine.model, engine.processor, config=config.replace(recall_grids=0))
     result = {"machine": device_info(), "model": what, "args": vars(args), "config": repr(config),
-              "weights_gib": weights, **soak(engine, args, cuda)}
+              "weights_gib": weights, **soak(engine, args, cuda, twin)}
+    if twin is not None:  # what recalling costs a question, after the first eviction
+        extra = [a["ttft_ms"] - a["twin_ttft_ms"] for a in result["questions"]
+                 if result["filled_at_s"] is not None and a["t"] > result["filled_at_s"]]
+        result["recall_extra_ttft_ms"] = summary(extra)
     result["windows"] = windows(result["chunks"], result["questions"], WINDOW_S)
     result["ends"] = compare_ends(result)
     print_table(result)
@@ -159,6 +176,8 @@ def print_table(r) -> None:
         print(f"   {w['from_s']:5.0f}-{w['to_s']:<6.0f}s | {w['kept']:6d} | {row(c)} | {row(q)} | {w['mem_gib']:.3f}")
     if r["ends"]:
         print(f"   first 5 min after fill vs last 5 min: {r['ends']}")
+    if "recall_extra_ttft_ms" in r:
+        print(f"   TTFT recall adds (vs the twin without recall) p50/p95/max ms: {row(r['recall_extra_ttft_ms'])}")
     s = r["stats_at_end"]
     print(f"   kept {s['cache_tokens']} of {s['transcript_tokens']} tokens; evicted {s['evicted_seconds']:.0f} s; "
           f"host {s['recall_host_bytes'] / GIB:.3f} GiB for {s['stored_seconds']:.0f} s stored")
