@@ -82,7 +82,7 @@ class KVCacheManager:
                  budget: Optional[Budget] = None):
         self.cache = StreamKVCache(num_layers, num_kv_heads, head_dim, dtype, device, grow_min, initial_capacity)
         self.budget = budget
-        self.recall = RecallStore() if budget is not None and budget.recall_grids else None
+        self.recall = RecallStore(budget.host_tokens) if budget is not None and budget.recall_grids else None
         state = initial_state if initial_state is not None else CacheState()
         self.initial_state = replace(state, layout=SlotLayout()) if budget is not None else state
         assert self.initial_state.last_cache_position == 0, self.initial_state
@@ -157,10 +157,9 @@ class KVCacheManager:
         Raises ValueError (nothing evicted, nothing committed) when the budget cannot be met.
         """
         if self.budget is not None:
-            layout, evicted = txn.state.layout.evict(self.budget)
-            if self.recall is not None:
-                self.recall.keep(evicted, self.cache, [txn.state, self._state, *self._snapshots])
-            txn.update(layout=layout)
+            reachable = [txn.state, self._state, *self._snapshots]
+            keep = (lambda spans: self.recall.keep(spans, self.cache, reachable)) if self.recall is not None else None
+            txn.update(layout=txn.state.layout.evict(self.budget, keep))
 
     def reserve(self, tokens: int) -> None:
         """Room for ``tokens`` cached tokens in all (a bounded stream keeps its whole buffers when growing)."""
@@ -224,7 +223,7 @@ class KVCacheManager:
         other.cache = self.cache.clone(self.cache.capacity if self.bounded else self.get_seq_length())
         other._state = self._state
         if self.recall is not None:
-            other.recall._grids = dict(self.recall._grids)  # host tensors are never written: shared
+            other.recall = self.recall.clone()
         return other
 
     def clear(self) -> None:
@@ -232,7 +231,7 @@ class KVCacheManager:
         # each step leaves a valid manager: empty head over old buffers, then no snapshots, then new buffers
         self._state = self.initial_state
         self._snapshots = []
-        self.recall = RecallStore() if self.recall is not None else None
+        self.recall = RecallStore(self.budget.host_tokens) if self.recall is not None else None
         self.cache = StreamKVCache(*self.cache.shape, dtype=self.cache.dtype, device=self.cache.device,
                                    grow_min=self.cache.grow_min, initial_capacity=self.cache.initial_capacity)
 

@@ -1,19 +1,20 @@
 """Recall of evicted video: host copies of evicted grids, scored against a question and brought back.
 
-With ``StreamConfig.recall_grids`` > 0, a bounded stream keeps each grid it evicts in host memory
-(pinned on CUDA): its K/V exactly as they were in the cache (keys rotated at their original
-positions), plus a summary, the mean key per layer and K/V head. At question time
+With ``StreamConfig.recall_grids`` > 0, a bounded stream keeps each grid it evicts in one host
+slab (pinned on CUDA): its K/V exactly as they were in the cache (keys rotated at their original
+positions), plus a summary on the device, the mean key per layer and K/V head. At question time
 (``Stream.open_question``) the question is first run on a dropped fork to read its own queries
 at every layer; each stored grid scores sum over layers and heads of (mean query . mean key),
 ReKV's block retrieval; the ``recall_grids`` best are copied into free cache slots of the
 question's transaction and attended at their original positions, by the question and its answer
 only (the commit of a turn drops them again). Which grids are stored is part of the committed
-head (``SlotLayout.stored``); this store only holds their tensors, keyed by grid number, and
-forgets the ones no reachable head lists.
+head (``SlotLayout.stored``, whose spans' slots are slab rows); this store holds the slab and
+the summaries.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -39,50 +40,104 @@ def recalled(layout) -> tuple[Recalled, ...]:
 
 
 class RecallStore:
-    """Host copies of evicted grids: grid number -> (K, V) (L, H_kv, n, D) and summary (L, H_kv, D) float32."""
+    """Evicted grids in one host slab (pinned on CUDA) plus a summary per grid on the model's device.
 
-    def __init__(self):
-        self._grids: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
-        self.token_bytes = 0  # host bytes of one token's K and V (all layers)
+    The slab holds (capacity, 2, L, H_kv, D): a token's K and V of every layer side by side, so a
+    grid is one contiguous block, copied in one transfer each way; a stored span's ``row`` is its
+    first row. A grid goes to rows free in every reachable head (as cache slots do), so a dropped
+    transaction never overwrites what the committed head or a snapshot still stores. The slab is
+    sized ``host_tokens`` plus room for a few grids, and grows (x1.25) only when old snapshots hold
+    more than that.
+    """
 
-    def keep(self, evicted: list[Span], cache: StreamKVCache, reachable: list) -> None:
-        """Copy ``evicted`` grids (still in their slots) to host memory; forget grids no reachable head stores
-        (checked when the store holds twice what the newest head does: O(1) per commit on average)."""
-        newest = reachable[0].layout.stored
-        if len(self._grids) > 2 * len(newest) + 64:
+    def __init__(self, host_tokens: int):
+        self.host_tokens = host_tokens
+        self.slab: Optional[torch.Tensor] = None
+        self.summaries: dict[int, torch.Tensor] = {}  # grid -> (L, H_kv, D) float32 mean key
+        self.allocations = 0
+
+    @property
+    def capacity(self) -> int:
+        return self.slab.shape[0] if self.slab is not None else 0
+
+    def _taken(self, reachable: list) -> torch.Tensor:
+        """(capacity,) bool: rows a reachable head's stored grids occupy (heads usually share one tuple)."""
+        ranges = [(s.row, s.n) for stored in {id(st.layout.stored): st.layout.stored for st in reachable}.values()
+                  for s in stored]
+        edges = torch.zeros(self.capacity + 1, dtype=torch.long)
+        if ranges:
+            first, n = torch.tensor(ranges).unbind(1)
+            edges.index_add_(0, first, torch.ones_like(first)).index_add_(0, first + n, -torch.ones_like(first))
+        return edges.cumsum(0)[:-1] > 0
+
+    def _grow(self, capacity: int, like: torch.Tensor) -> None:
+        pin = like.device.type == "cuda"
+        slab = torch.empty((capacity, *like.shape[1:]), dtype=like.dtype, pin_memory=pin)
+        if self.slab is not None:
+            slab[:self.capacity].copy_(self.slab)
+        self.slab, self.allocations = slab, self.allocations + 1
+
+    def keep(self, evicted: list[Span], cache: StreamKVCache, reachable: list) -> list[Span]:
+        """Copy ``evicted`` grids (still in their cache slots) into the slab -> the same spans at their rows."""
+        if len(self.summaries) > 2 * len(reachable[0].layout.stored) + 64:  # forget what no head stores
             live = {s.grid for state in reachable for s in state.layout.stored}
-            for grid in [g for g in self._grids if g not in live]:
-                del self._grids[grid]
-        pin = cache.device.type == "cuda"
+            self.summaries = {g: t for g, t in self.summaries.items() if g in live}
+        out, taken = [], None
         for span in evicted:
             index = span.slots.to(cache.device)
             k = torch.stack([kb.index_select(2, index)[0] for kb, _ in cache.buffers])  # (L, H_kv, n, D)
             v = torch.stack([vb.index_select(2, index)[0] for _, vb in cache.buffers])
-            summary = k.float().mean(2)  # (L, H_kv, D), stays on the device: questions score all of them
-            # pinned host memory, copied without waiting for the device (later loads are ordered after it)
-            k, v = (torch.empty(t.shape, dtype=t.dtype, pin_memory=pin).copy_(t, non_blocking=pin) for t in (k, v))
-            self._grids[span.grid] = (k, v, summary)
-            self.token_bytes = 2 * k[:, :, :1].numel() * k.element_size()
+            rows = torch.stack([k, v]).permute(3, 0, 1, 2, 4).contiguous()  # (n, 2, L, H_kv, D)
+            if self.slab is None:
+                self._grow(self.host_tokens + 4 * span.n, rows)
+            taken = self._taken(reachable) if taken is None else taken
+            first = _first_run(~taken, span.n)
+            while first is None:  # old snapshots hold more than the slab has room for: grow it
+                self._grow(max(self.capacity + span.n, self.capacity * 5 // 4), rows)
+                taken = torch.cat([taken, torch.zeros(self.capacity - taken.numel(), dtype=torch.bool)])
+                first = _first_run(~taken, span.n)
+            taken[first:first + span.n] = True  # the call's next grid goes elsewhere
+            # copied without waiting for the device: later loads are ordered after it on the same stream
+            self.slab[first:first + span.n].copy_(rows, non_blocking=self.slab.is_pinned())
+            self.summaries[span.grid] = k.float().mean(2)  # (L, H_kv, D) on the device: questions score them all
+            out.append(span.moved(torch.arange(first, first + span.n), recalled=False, row=first))
+        return out
 
     def scores(self, queries: dict[int, torch.Tensor], candidates: tuple[Span, ...]) -> list[float]:
         """queries: layer -> (1, H_q, n, D) the question's rotated queries; -> a relevance per candidate."""
         layers = sorted(queries)
-        summaries = torch.stack([self._grids[s.grid][2] for s in candidates])  # (N, L, H_kv, D)
+        summaries = torch.stack([self.summaries[s.grid] for s in candidates])  # (N, L, H_kv, D)
         hkv = summaries.shape[2]
         q = torch.stack([queries[i][0].float().mean(1) for i in layers])  # (L, H_q, D): mean over tokens
         q = q.view(len(layers), hkv, -1, q.shape[-1]).sum(2)  # (L, H_kv, D): the query heads of each K/V head
         return torch.einsum("lhd,nlhd->n", q, summaries).tolist()
 
     def load(self, cache: StreamKVCache, span: Span, slots: torch.Tensor) -> None:
-        """Write a stored grid's K/V into (n,) device ``slots`` of every layer."""
-        k, v, _ = self._grids[span.grid]
+        """Write a stored grid's K/V into (n,) device ``slots`` of every layer (one host-to-device copy)."""
+        rows = self.slab[span.row:span.row + span.n].to(cache.device, non_blocking=True)  # (n, 2, L, H_kv, D)
         for i, (kb, vb) in enumerate(cache.buffers):
-            kb.index_copy_(2, slots, k[i][None].to(kb.device, non_blocking=True))
-            vb.index_copy_(2, slots, v[i][None].to(vb.device, non_blocking=True))
+            kb.index_copy_(2, slots, rows[:, 0, i].transpose(0, 1)[None])
+            vb.index_copy_(2, slots, rows[:, 1, i].transpose(0, 1)[None])
 
-    def nbytes(self, stored_tokens: int) -> int:
-        """Host bytes of ``stored_tokens`` tokens of K/V (what a head's ``stored`` grids hold)."""
-        return stored_tokens * self.token_bytes
+    def nbytes(self) -> int:
+        """Host bytes the slab holds (what recall costs in host memory, stored or not)."""
+        return self.slab.numel() * self.slab.element_size() if self.slab is not None else 0
+
+    def clone(self) -> "RecallStore":
+        other = RecallStore(self.host_tokens)
+        other.slab = self.slab.clone() if self.slab is not None else None
+        other.summaries = dict(self.summaries)  # summaries are never written after they are made
+        other.allocations = self.allocations
+        return other
+
+
+def _first_run(free: torch.Tensor, n: int):
+    """The first index of n consecutive True in (capacity,) ``free``, or None."""
+    if free.numel() < n:
+        return None
+    runs = torch.cat([torch.zeros(1, dtype=torch.long), free.long().cumsum(0)])
+    fits = torch.nonzero(runs[n:] - runs[:-n] == n)[:, 0]
+    return int(fits[0]) if fits.numel() else None
 
 
 def bring_back(stream, txn, question: str) -> None:

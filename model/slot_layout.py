@@ -50,18 +50,20 @@ class Span:
     seconds: float = 0.0  # video it covers
     start_s: float = 0.0  # where that video starts in the stream (sum of the grids before it)
     recalled: bool = False  # brought back from host memory for one question (never committed)
+    row: int = -1  # a stored grid's first row in the recall store's host slab
 
     @property
     def n(self) -> int:
         return self.slots.numel()
 
     def __eq__(self, other) -> bool:
-        return (isinstance(other, Span) and (self.seq, self.grid, self.seconds, self.start_s, self.recalled)
-                == (other.seq, other.grid, other.seconds, other.start_s, other.recalled)
+        return (isinstance(other, Span)
+                and (self.seq, self.grid, self.seconds, self.start_s, self.recalled, self.row)
+                == (other.seq, other.grid, other.seconds, other.start_s, other.recalled, other.row)
                 and torch.equal(self.slots, other.slots))
 
-    def moved(self, slots: torch.Tensor, recalled: bool) -> "Span":
-        return Span(self.seq, slots, self.grid, self.seconds, self.start_s, recalled)
+    def moved(self, slots: torch.Tensor, recalled: bool, row: int = -1) -> "Span":
+        return Span(self.seq, slots, self.grid, self.seconds, self.start_s, recalled, row)
 
 
 @dataclass(frozen=True)
@@ -139,10 +141,11 @@ class SlotLayout:
         merged = sorted(self.spans + tuple(spans), key=lambda s: s.seq)
         return self._with(spans=tuple(merged))
 
-    def evict(self, budget: Budget) -> tuple["SlotLayout", list[Span]]:
-        """(the layout after eviction, the grids evicted): recalled grids leave first (they were there for
-        one question), then the oldest video grids outside the sink go until ``budget`` holds; with
-        recall on, evicted grids join ``stored`` (the oldest dropped beyond ``budget.host_tokens``).
+    def evict(self, budget: Budget, keep=None) -> "SlotLayout":
+        """The layout after eviction: recalled grids leave first (they were there for one question), then
+        the oldest video grids outside the sink go until ``budget`` holds; with recall on, ``keep``
+        (evicted spans -> the same spans at their host rows) stores them and they join ``stored``
+        (the oldest dropped beyond ``budget.host_tokens``).
 
         Raises ValueError when even evicting all of them cannot meet the token budget.
         """
@@ -162,12 +165,12 @@ class SlotLayout:
                 "sink are kept, and one call's tokens must fit): append fewer frames per call, raise the budget "
                 "or lower sink_frames")
         if drop == 0 and len(spans) == len(self.spans):
-            return self, []
+            return self
         gone = {evictable[i] for i in range(drop)}
         out = [spans[i] for i in sorted(gone)]
         stored, tokens, seconds = self.stored, self.stored_tokens, self.stored_seconds
-        if budget.recall_grids:
-            stored = stored + tuple(out)
+        if budget.recall_grids and out:
+            stored = stored + tuple(keep(out) if keep is not None else out)
             tokens, seconds = tokens + sum(s.n for s in out), seconds + sum(s.seconds for s in out)
             first = 0
             while tokens > budget.host_tokens:  # the oldest go first
@@ -178,7 +181,7 @@ class SlotLayout:
                             evicted_tokens=self.evicted_tokens + sum(s.n for s in out),
                             evicted_seconds=self.evicted_seconds + sum(s.seconds for s in out), stored=stored,
                             stored_tokens=tokens, stored_seconds=seconds if stored else 0.0)
-        return layout, out
+        return layout
 
 
 def check_budget(budget: Optional[Budget], sink_frames: int, grid_tokens: int, header_tokens: int) -> None:

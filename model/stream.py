@@ -297,7 +297,7 @@ class Stream:
         return {
             "cache_tokens": kept, "cache_bytes": self.kv.cache.nbytes(kept),
             **budget_stats(st.layout, self.config, st.last_cache_position, st.video_seconds,
-                           self.kv.recall.nbytes(st.layout.stored_tokens) if self.kv.recall is not None else 0),
+                           self.kv.recall.nbytes() if self.kv.recall is not None else 0),
             "cache_reserved_bytes": self.kv.reserved_bytes(), "frames_seen": st.frames_seen,
             "pending_frames": int(st.pending_frame is not None), "video_seconds": st.video_seconds,
             "chunks": st.chunks, "turns": st.turns, "next_position": st.next_position,

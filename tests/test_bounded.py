@@ -255,14 +255,22 @@ def test_snapshots_survive_evictions(tiny):
     assert_same_signature(before, signature(engine))
 
 
-def test_memory_stays_bounded_over_a_long_stream(tiny):
-    engine = bounded(tiny, cache_budget_tokens=120)
+@pytest.mark.parametrize("recall", [0, 2])
+def test_memory_stays_bounded_over_a_long_stream(tiny, recall):
+    engine = bounded(tiny, cache_budget_tokens=120, recall_grids=recall, recall_host_tokens=60)
+    host = []
     for i in range(200):
         engine.append_frames(FRAMES[(2 * i) % 38:(2 * i) % 38 + 2], fps=2)
         if i % 50 == 0:
             engine.ask("What?", update_state=i == 0, max_new_tokens=2)
+        host.append(engine.stats()["recall_host_bytes"])
     assert engine.stream_state.last_cache_position > 1200 and engine.stream_state.layout.kept <= 120
     assert engine.kv.cache.capacity <= 1024 and engine.kv.cache.allocations == 1
+    if recall:  # one host slab: host_tokens plus room for a few calls' evictions, allocated once
+        layers, heads, dim = engine.kv.cache.shape
+        row = 2 * layers * heads * dim * 4  # fp32 K and V of one token
+        assert engine.kv.recall.allocations == 1 and 0 < host[-1] == max(host) <= (60 + 4 * 6) * row
+        assert engine.stream_state.layout.stored_tokens <= 60
 
 
 @pytest.mark.parametrize("kw, match", [
