@@ -336,3 +336,27 @@ def test_interrupts_at_random_lines_of_evicting_calls_commit_nothing(tiny, recal
         e.append_frames(FRAMES[21:26], fps=2)
     assert engine.stream_state.layout.evicted_grids > 0
     assert_same_signature(signature(twin), signature(engine))
+
+
+def test_token_streaming_reset_and_clone_on_a_bounded_stream_with_recall(tiny):
+    engine, fresh = bounded(tiny, recall_grids=2), bounded(tiny, recall_grids=2)
+    for e in (engine, fresh):
+        for i in range(0, 24, 3):
+            e.append_frames(FRAMES[i:i + 3], fps=2)
+    assert engine.stream_state.layout.stored
+    before = signature(engine)
+    full = engine.ask("What?", max_new_tokens=4)
+    pieces = engine.ask_stream("What?", max_new_tokens=4)
+    assert "".join(pieces) == full.text and pieces.answer.token_ids == full.token_ids
+    assert pieces.answer.recalled == full.recalled
+    for _ in engine.ask_stream("What?", max_new_tokens=4):
+        break  # an early break rolls the answer (and its recalled grids) back
+    assert_same_signature(before, signature(engine))
+    twin = engine.kv.clone()  # an independent copy: the same kept K/V and stored grids
+    assert twin.state == engine.stream_state and twin.recall.nbytes() == engine.kv.recall.nbytes()
+    assert all(torch.equal(a, b) for i in range(twin.cache.num_layers) for a, b in zip(twin.layer(i), engine.kv.layer(i)))
+    engine.reset()
+    assert engine.stream_state.layout.kept == 0 and engine.stats()["recall_host_bytes"] == 0
+    for i in range(0, 24, 3):
+        engine.append_frames(FRAMES[i:i + 3], fps=2)
+    assert_same_signature(signature(fresh), signature(engine))  # a reset stream is a new stream
