@@ -50,6 +50,7 @@ class Transaction:
     def __init__(self, base: Any):
         self.base = base  # the committed head this transaction started from
         self.state = base
+        self.settled = None  # the working head ``KVCacheManager.settle`` last produced
 
     @property
     def length(self) -> int:
@@ -119,9 +120,11 @@ class KVCacheManager:
     def _taken(self, txn: Transaction) -> torch.Tensor:
         """(capacity,) bool CPU: slots holding tokens of the working head, the committed one or a snapshot."""
         cap = self.cache.capacity
-        taken = txn.state.layout.visible(cap) | self._state.layout.visible(cap) | txn.base.layout.visible(cap)
-        for snap in self._snapshots:
-            taken = taken | snap.layout.visible(cap)
+        heads = (txn.state, self._state, txn.base, *self._snapshots)
+        layouts = list({id(st.layout): st.layout for st in heads}.values())  # usually fewer than the heads
+        taken = layouts[0].visible(cap)
+        for layout in layouts[1:]:
+            taken = taken | layout.visible(cap)
         return taken
 
     def slot_view(self, txn: Transaction, n: int) -> tuple[CacheView, torch.Tensor]:
@@ -156,10 +159,11 @@ class KVCacheManager:
 
         Raises ValueError (nothing evicted, nothing committed) when the budget cannot be met.
         """
-        if self.budget is not None:
+        if self.budget is not None and txn.settled is not txn.state:  # once per head: appends settle early
             reachable = [txn.state, self._state, *self._snapshots]
             keep = (lambda spans: self.recall.keep(spans, self.cache, reachable)) if self.recall is not None else None
             txn.update(layout=txn.state.layout.evict(self.budget, keep))
+            txn.settled = txn.state
 
     def reserve(self, tokens: int) -> None:
         """Room for ``tokens`` cached tokens in all (a bounded stream keeps its whole buffers when growing)."""

@@ -100,7 +100,7 @@ class RecallStore:
             # copied without waiting for the device: later loads are ordered after it on the same stream
             self.slab[first:first + span.n].copy_(rows, non_blocking=self.slab.is_pinned())
             self.summaries[span.grid] = k.float().mean(2)  # (L, H_kv, D) on the device: questions score them all
-            out.append(span.moved(torch.arange(first, first + span.n), recalled=False, row=first))
+            out.append(span.moved(span.slots, recalled=False, row=first))
         return out
 
     def scores(self, queries: dict[int, torch.Tensor], candidates: tuple[Span, ...]) -> list[float]:

@@ -22,7 +22,7 @@ its call began plus its own call's earlier tokens, at original positions.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from typing import Optional
 
@@ -75,11 +75,11 @@ class SlotLayout:
     evicted_grids: int = 0
     evicted_tokens: int = 0
     evicted_seconds: float = 0.0
-    stored: tuple[Span, ...] = ()  # evicted grids whose K/V wait in host memory for recall (slots: where they were)
+    stored: tuple[Span, ...] = ()  # evicted grids whose K/V wait in the recall slab (``row``; slots: where they were)
     grid_seconds: float = 0.0  # video seconds of all grids written so far
     stored_tokens: int = 0  # tokens of ``stored`` (counted, not summed: streams store thousands of grids)
     stored_seconds: float = 0.0
-    _cache: dict = field(default_factory=dict, compare=False, repr=False)  # derived tensors, per layout
+    _cache: dict = field(default_factory=dict, init=False, compare=False, repr=False)  # derived tensors, per layout
 
     @cached_property
     def kept(self) -> int:
@@ -90,11 +90,7 @@ class SlotLayout:
         return sum(s.seconds for s in self.spans if not s.recalled)
 
     def _with(self, **changes) -> "SlotLayout":
-        fields = dict(spans=self.spans, grids=self.grids, evicted_grids=self.evicted_grids,
-                      evicted_tokens=self.evicted_tokens, evicted_seconds=self.evicted_seconds, stored=self.stored,
-                      grid_seconds=self.grid_seconds, stored_tokens=self.stored_tokens,
-                      stored_seconds=self.stored_seconds)
-        return SlotLayout(**{**fields, **changes})
+        return replace(self, **changes)  # a new record: its derived tensors start empty
 
     def kept_ranges(self) -> list[tuple[int, int]]:
         """[(transcript index, tokens)] of every kept span, in order."""
@@ -129,8 +125,9 @@ class SlotLayout:
                              self.grid_seconds + k * seconds_per_grid) for k in range(grids))
         out = self._with(spans=self.spans + new, grids=self.grids + grids,
                          grid_seconds=self.grid_seconds + grids * seconds_per_grid)
+        top = int(slots.max())
         for (capacity, device), v in self._cache.items():  # decode steps: O(capacity) copy, no Python loop
-            if int(slots.max()) < capacity:
+            if top < capacity:
                 v = v.clone()
                 v[slots.to(v.device)] = True
                 out._cache[(capacity, device)] = v
@@ -222,4 +219,4 @@ def budget_stats(layout: Optional["SlotLayout"], config, transcript_tokens: int,
 def free_slots(taken: torch.Tensor, n: int) -> Optional[torch.Tensor]:
     """(capacity,) bool of slots in use -> (n,) int64 of the first n free slots, or None if fewer are free."""
     free = torch.nonzero(~taken)[:, 0]
-    return free[:n] if free.numel() >= n else None
+    return free[:n].clone() if free.numel() >= n else None  # a copy: spans keep these, not the whole free list
