@@ -33,7 +33,7 @@ from . import compat
 from .config import StreamConfig
 from .kv_cache import CacheView, StreamKVCache
 from .kv_cache_manager import KVCacheManager
-from .masks import StreamMask, rank_mask, rank_of, static_causal_mask
+from .masks import StreamMask, rank_mask, rank_of, scan_end, static_causal_mask
 
 _CAPTURE_LOCK = threading.Lock()  # one capture at a time in the process (not a setting)
 _POOLS: dict = {}  # device -> the memory pool every graph on it shares (not a setting)
@@ -189,13 +189,12 @@ class GraphRunner(_Recorder):
         bounded = slots is not None
         slot_index = slots.clone() if bounded else None  # (b,) static: where a bounded stream's rows go
         visible = torch.zeros(self.cache.capacity, dtype=torch.bool, device=device) if bounded else None
-        scan = torch.tensor(self.cache.capacity, dtype=torch.long, device=device)
 
         def step() -> torch.Tensor:
             index = slot_index if bounded else start + rows  # (b,) where this segment's K/V go
             if bounded:  # scattered slots: each slot's rank says which rows see it
                 rank = rank_of(visible, index)
-                mask = (StreamMask(0, None, cfg.fold_max_rows, cfg.rows_max_scores, scan, rank=rank)
+                mask = (StreamMask(0, None, cfg.fold_max_rows, cfg.rows_max_scores, scan_end(rank), rank=rank)
                         if self.live_kernel is not None else
                         StreamMask(0, rank_mask(rank, b, None, model.dtype), cfg.fold_max_rows, cfg.rows_max_scores))
             elif self.live_kernel is not None:  # attention reads [0, start+b) only: cost follows the live length
@@ -208,7 +207,7 @@ class GraphRunner(_Recorder):
 
         graph, out = self.record(step)
         return _Graph(graph, inputs, out, positions, start, last, slot_index, visible,
-                      keep=(rows, cols, zero, buffers, scan))
+                      keep=(rows, cols, zero, buffers))
 
 
 class VisionGraphs(_Recorder):

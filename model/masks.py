@@ -84,6 +84,16 @@ def rank_of(visible: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
     return rank.index_copy_(0, slots, torch.arange(1, slots.numel() + 1, dtype=torch.int32, device=slots.device))
 
 
+def scan_end(rank: torch.Tensor) -> torch.Tensor:
+    """0-d int64: 1 + the highest slot that a ``rank_of`` gives to anything (kept or new).
+
+    A bounded stream's attention reads slots [0, scan_end) only, so its cost follows the slots in
+    use, not the reserved capacity (slots are allocated lowest first). On the device, no host sync.
+    """
+    slot = torch.arange(rank.numel(), device=rank.device)
+    return torch.where(rank >= 0, slot, -1).amax() + 1
+
+
 def rank_mask(rank: torch.Tensor, rows: int, lengths: Optional[list[int]], dtype) -> torch.Tensor:
     """(1, 1, rows, capacity) additive mask from a ``rank_of``: row r sees kept slots and the new tokens
     at or before it (with ``lengths``, choice branches: only those of its own branch)."""

@@ -20,7 +20,7 @@ from .cuda_graphs import GraphRunner, VisionGraphs
 from .fast_attention import backends, live_length_kernel, vision_varlen_supported
 from .frames import pad_to_temporal_patch, patchify, resize_frames, target_size
 from .kv_cache_manager import KVCacheManager, Transaction
-from .masks import StreamMask, branch_starts, causal_mask, rank_of, slot_mask, tree_mask
+from .masks import StreamMask, branch_starts, causal_mask, rank_of, scan_end, slot_mask, tree_mask
 from .positions import next_start, text_positions, vision_positions
 from .prompt import VISION_END, VISION_START, encode
 from .recall import bring_back
@@ -141,11 +141,11 @@ class Stream:
         causal (or ``tree`` branches) among the new ones; (1, 1, n, capacity), in this stream's form."""
         cap, cfg = self.kv.cache.capacity, self.config
         visible = txn.state.layout.visible(cap, self.model.device)
-        if self.live_kernel:  # the Triton kernel scans the slots, each slot's rank says who sees it
-            start = torch.tensor(cap, dtype=torch.long, device=self.model.device)
+        if self.live_kernel:  # the Triton kernel scans the slots in use, each slot's rank says who sees it
+            rank = rank_of(visible, slots)  # (capacity,) int32
             branches = branch_starts(tree, self.model.device) if tree is not None else None
-            return StreamMask(txn.length, None, cfg.fold_max_rows, cfg.rows_max_scores, start, branches,
-                              rank=rank_of(visible, slots), on_query=on_query)
+            return StreamMask(txn.length, None, cfg.fold_max_rows, cfg.rows_max_scores, scan_end(rank), branches,
+                              rank=rank, on_query=on_query)
         dense = slot_mask(visible, slots, tree, self.model.dtype)
         if not self.fast and on_query is None:
             return dense

@@ -71,20 +71,25 @@ for s in scores:
     assert all(abs(x - y) <= 1e-4 for x, y in zip(s, expected)), (s, expected)
 
 # bounded streams: scattered slots, a per-slot rank in the kernel, equal to SDPA with the dense slot mask
-from model.masks import rank_of, slot_mask
-for n, cap, kept, splits, lengths in [(1, 64, 30, 1, None), (5, 200, 120, 3, None), (8, 150, 60, 2, [3, 1, 4])]:
+from model.masks import rank_of, scan_end, slot_mask
+# used: slots [0, used) hold everything (slots are allocated lowest first); the kernel scans only those
+for n, cap, used, kept, splits, lengths in [(1, 64, 64, 30, 1, None), (5, 200, 200, 120, 3, None),
+                                            (8, 150, 150, 60, 2, [3, 1, 4]), (4, 200, 77, 50, 3, None)]:
     q = torch.randn(1, n, 4, 16).transpose(1, 2)
     k, v = torch.randn(1, 2, cap, 16), torch.randn(1, 2, cap, 16)
-    perm = torch.randperm(cap)
+    perm = torch.randperm(used)
     visible = torch.zeros(cap, dtype=torch.bool)
     visible[perm[:kept]] = True
     slots = perm[kept:kept + n].sort().values
     dense = slot_mask(visible, slots, lengths, torch.float32)
     want = F.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), attn_mask=dense,
                                           scale=0.25).transpose(1, 2)
-    got = ta.attention(q, k, v, torch.tensor(cap), 0.25, splits=splits, rank=rank_of(visible, slots),
-                       branches=branch_starts(lengths, "cpu") if lengths else None)
-    worst = max(worst, float((got - want).abs().max()))
+    rank = rank_of(visible, slots)
+    assert int(scan_end(rank)) == 1 + int(max(slots.max(), perm[:kept].max())), (int(scan_end(rank)), used)
+    for scan in (torch.tensor(cap), scan_end(rank)):  # the whole capacity, or only the slots in use: equal
+        got = ta.attention(q, k, v, scan, 0.25, splits=splits, rank=rank,
+                           branches=branch_starts(lengths, "cpu") if lengths else None)
+        worst = max(worst, float((got - want).abs().max()))
 assert worst < 1e-5, worst
 bounded = []
 for kernel, graphs in (("torch", False), ("triton", False), ("triton", True)):
