@@ -240,6 +240,8 @@ class Stream:
     def warm(self, txn: Transaction, raw: list, fps: float) -> None:
         """Run every segment shape a stream of these frames uses once (graphs captured), on ``txn``."""
         self.append_video(txn, raw, fps)  # the chunk's vision and LM graphs
+        if self.kv.recall is not None:  # recall's host slab, sized for grids of these frames
+            self.kv.recall.reserve(self.kv.cache, max(s.n for s in txn.state.layout.spans if s.grid >= 0))
         self.append_video(txn, raw[:1], fps)  # a held frame ...
         self.close_block(txn)  # ... flushed padded: the one-grid graphs
         for b in self.config.graph_buckets:  # questions and decode steps of every bucket

@@ -298,6 +298,20 @@ def test_impossible_budgets_are_refused_at_construction(tiny, kw, match):
         VideoStreamInference(*tiny, config=StreamConfig(**kw))
 
 
+def test_warmup_allocates_the_recall_slab_so_no_eviction_allocates(tiny):
+    engine = bounded(tiny, cache_budget_tokens=300, recall_grids=2, recall_host_tokens=60)
+    engine.warmup((56, 84), chunk_frames=2, fps=2)  # 6 tokens per grid
+    layers, heads, dim = engine.kv.cache.shape
+    slab = engine.stats()["recall_host_bytes"]
+    assert engine.kv.recall.allocations == 1 and slab == (60 + 4 * 6) * 2 * layers * heads * dim * 4, slab
+    assert engine.stats()["transcript_tokens"] == 0  # warm-up leaves the stream empty
+    for i in range(100):  # evicting into the store from the ~45th call on
+        engine.append_frames(FRAMES[(2 * i) % 38:(2 * i) % 38 + 2], fps=2)
+    engine.ask("What?", max_new_tokens=1)
+    assert engine.stats()["evicted_grids"] > 0 and engine.stream_state.layout.stored_tokens > 0
+    assert engine.kv.recall.allocations == 1 and engine.stats()["recall_host_bytes"] == slab
+
+
 def test_rollback_is_refused_on_a_bounded_stream(tiny):
     engine = bounded(tiny)
     engine.append_frames(FRAMES[:4], fps=2)
