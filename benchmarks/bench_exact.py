@@ -15,6 +15,7 @@ import json
 import os
 import random
 import sys
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -35,8 +36,8 @@ def offline_choice(model, proc, frames) -> int:
     scores = []
     for c in CHOICES:
         ids = encode_user_text(proc.tokenizer, c)
-        logits = native_logits(model, build_inputs(model, proc, chat_segments(proc, Q, frames, FPS) + [("ids", ids)]), True)
-        logp = torch.log_softmax(logits[0, -len(ids) - 1:-1], -1)
+        inputs = build_inputs(model, proc, chat_segments(proc, Q, frames, FPS) + [("ids", ids)])
+        logp = torch.log_softmax(native_logits(model, inputs, last=len(ids) + 1)[0, :-1], -1)  # (len(ids), V)
         scores.append(float(logp.gather(1, torch.tensor(ids, device=logp.device)[:, None]).sum()))
     return max(range(len(scores)), key=scores.__getitem__)
 
@@ -69,36 +70,47 @@ def main(argv=None) -> int:
     points = pauses(args.short_points, args.long_points)
     frames = synthetic_frames(points[-1], SIZE, SIZE)
     res = {"points_frames": points}
+    t0 = time.perf_counter()
+
+    def log(*what):
+        print(f"[{time.perf_counter() - t0:6.1f} s]", *what, flush=True)
+
     # bf16: agreement measures (the paths multiply differently shaped matrices, so they round differently)
-    model = build_random_model(QWEN25_VL_3B_CONFIG, dtype=torch.bfloat16, device="cuda")
-    engine = VideoStreamInference(model, proc, config=StreamConfig())
     bf16 = []
     for p in () if args.skip_bf16 else (60, points[-1]):
+        if not bf16:
+            model = build_random_model(QWEN25_VL_3B_CONFIG, dtype=torch.bfloat16, device="cuda")
+            engine = VideoStreamInference(model, proc, config=StreamConfig())
         engine.reset()
         stream_to(engine, frames, [p], random.Random(1), lambda e, p: None)
         a = engine.ask(Q, max_new_tokens=1).first_logits
         ref = native_logits(model, build_inputs(model, proc, chat_segments(proc, Q, frames[:p], FPS)))[0, -1]
         bf16.append({"frames": p, "tokens": engine.kv.get_seq_length(), "argmax_equal": int(a.argmax()) == int(ref.argmax()),
                      "rel_logit_diff": float((a - ref).norm() / ref.norm())})
-        print("bf16", bf16[-1], flush=True)
+        log("bf16", bf16[-1])
     res["bf16"] = bf16
     json.dump(res, open(args.json, "w"), indent=1) if args.json else None
-    del engine, model
-    torch.cuda.empty_cache()
+    if bf16:
+        del engine, model
+        torch.cuda.empty_cache()
     set_exact_fp32()
     model = build_random_model(QWEN25_VL_3B_CONFIG, dtype=torch.float32, device="cuda")
     engine = VideoStreamInference(model, proc, config=StreamConfig())
-    streamed = stream_to(engine, frames, points, random.Random(0), lambda e, p: (
-        e.ask(Q, max_new_tokens=8), e.ask_choice(Q, CHOICES).index, e.kv.get_seq_length()))
+    log("fp32 model built")
     rows = []
-    for p, (ans, choice, tokens) in zip(points, streamed):
-        ref = native_generate(model, build_inputs(model, proc, chat_segments(proc, Q, frames[:p], FPS)), 8, engine.stop_ids)
+
+    def check(e, p):  # at a pause: the stream's answers, then the offline path's on the same frames
+        ans, choice, tokens = e.ask(Q, max_new_tokens=8), e.ask_choice(Q, CHOICES).index, e.kv.get_seq_length()
+        log(f"streamed to {p} frames ({tokens} tokens) and asked")
+        ref = native_generate(model, build_inputs(model, proc, chat_segments(proc, Q, frames[:p], FPS)), 8, e.stop_ids)
         rows.append({"frames": p, "tokens": tokens, "greedy_equal": ans.token_ids == ref.token_ids,
                      "choice_equal": choice == offline_choice(model, proc, frames[:p]),
                      "max_abs_logit_diff": float((ans.first_logits - ref.first_logits).abs().max())})
-        print("fp32", rows[-1], flush=True)
+        log("fp32", rows[-1])
         res["fp32"] = rows
         json.dump(res, open(args.json, "w"), indent=1) if args.json else None
+
+    stream_to(engine, frames, points, random.Random(0), check)
     res["fp32"] = rows
     res["fp32_summary"] = {"points": len(rows), "greedy_equal": sum(r["greedy_equal"] for r in rows),
                            "choice_equal": sum(r["choice_equal"] for r in rows),

@@ -122,9 +122,9 @@ def _forward(model, inputs: NativeInputs, cache, logits_to_keep: int, attention_
 
 
 @torch.no_grad()
-def native_logits(model, inputs: NativeInputs, all_tokens: bool = False) -> torch.Tensor:
-    """(1, T|1, V) float32 logits of a one-shot offline prefill."""
-    return _forward(model, inputs, compat.new_dynamic_cache(model.config), 0 if all_tokens else 1)
+def native_logits(model, inputs: NativeInputs, all_tokens: bool = False, last: int = 1) -> torch.Tensor:
+    """(1, T|last, V) float32 logits of a one-shot offline prefill: every token's, or the ``last`` ones'."""
+    return _forward(model, inputs, compat.new_dynamic_cache(model.config), 0 if all_tokens else last)
 
 
 def bounded_visibility(num_tokens: int, calls: Sequence[tuple[int, int, Sequence[tuple[int, int]]]]) -> torch.Tensor:

@@ -79,7 +79,7 @@ def offline_choice_scores(model, processor, question: str, options: Sequence[str
             continue
         inputs = build_inputs(model, processor, prefix + [("ids", ids)])
         if inputs.num_tokens * first.shape[-1] * 4 <= FULL_LOGITS_BYTES:
-            logits = native_logits(model, inputs, all_tokens=True)[0, -len(ids) - 1:-1]
+            logits = native_logits(model, inputs, last=len(ids) + 1)[0, :-1]  # (len(ids), V)
         else:
             steps = [native_logits(model, build_inputs(model, processor, prefix + [("ids", ids[:k])]))[0, -1]
                      for k in range(1, len(ids))]
