@@ -30,12 +30,30 @@ SIZE, CHUNK, FPS, EVERY = 448, 4, 2, 10
 Q = "What is happening right now?"
 
 
+def live_by_origin(top: int = 12) -> dict:
+    """Live CUDA memory now, grouped by the innermost frame of this project that allocated it."""
+    groups: dict = {}
+    for seg in torch.cuda.memory._snapshot()["segments"]:
+        for block in seg["blocks"]:
+            if block["state"] != "active_allocated":
+                continue
+            frames = block.get("frames") or []
+            ours = [f for f in frames if "/model/" in f["filename"] or "/benchmarks/" in f["filename"]]
+            where = f"{ours[0]['filename'].split('/')[-1]}:{ours[0]['line']} {ours[0]['name']}" if ours else "?"
+            groups[where] = groups.get(where, 0) + block["size"]
+    return {k: v / GIB for k, v in sorted(groups.items(), key=lambda kv: -kv[1])[:top]}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--streams", type=int, default=8)
     ap.add_argument("--seconds", type=int, default=60)
     ap.add_argument("--json")
+    ap.add_argument("--memory-history", action="store_true",
+                    help="record allocations' stacks and report the live memory by where it was allocated")
     args = ap.parse_args(argv)
+    if args.memory_history:
+        torch.cuda.memory._record_memory_history(stacks="python", max_entries=500_000)
     model = build_random_model(QWEN25_VL_3B_CONFIG, dtype=torch.bfloat16, device="cuda")
     proc = build_3b_processor()
     gc.collect()
@@ -50,26 +68,37 @@ def main(argv=None) -> int:
         e.warmup((SIZE, SIZE), CHUNK, fps=FPS, capacity=capacity)
     warm_s = time.perf_counter() - t0
     peak_warm = torch.cuda.max_memory_allocated()
-    torch.cuda.reset_peak_memory_stats()  # streaming's own peak, apart from the warm-up passes
+    live_warm = torch.cuda.memory_allocated()
     videos = [synthetic_frames(n_frames, SIZE, SIZE, seed=k) for k in range(args.streams)]
     ttft = [[] for _ in engines]
+    peaks = {"append_frames": 0, "ask": 0}  # streaming's own peaks, per call kind, apart from the warm-up
+
+    def timed(kind, call):
+        torch.cuda.reset_peak_memory_stats()
+        out = call()
+        peaks[kind] = max(peaks[kind], torch.cuda.max_memory_allocated())
+        return out
+
     sync()
     t0 = time.perf_counter()
     for i in range(0, n_frames, CHUNK):
         for k, e in enumerate(engines):
-            e.append_frames(videos[k][i:i + CHUNK], fps=FPS)
+            timed("append_frames", lambda: e.append_frames(videos[k][i:i + CHUNK], fps=FPS))
             if (i + CHUNK) % (EVERY * FPS) == 0:
-                ttft[k].append(1e3 * e.ask(Q, max_new_tokens=1).ttft_s)
+                ttft[k].append(1e3 * timed("ask", lambda: e.ask(Q, max_new_tokens=1)).ttft_s)
     sync()
     wall = time.perf_counter() - t0
     caches = sum(e.kv.reserved_bytes() for e in engines)
-    peak = torch.cuda.max_memory_allocated()
+    peak = max(peaks.values())
     res = {"meta": device_info(), "streams": args.streams, "seconds_each": args.seconds, "fps": FPS,
            "warmup_s": warm_s, "wall_s": wall, "aggregate_frames_per_s": args.streams * n_frames / wall,
            "ttft_ms": [{"p50": pct(t, 50), "p95": pct(t, 95), "n": len(t)} for t in ttft],
            "weights_gib": weights / GIB, "caches_reserved_gib": caches / GIB, "peak_gib": peak / GIB,
            "over_weights_and_caches_gib": (peak - weights - caches) / GIB,
            "peak_during_warmup_gib": peak_warm / GIB, "over_weights_and_caches_warmup_gib": (peak_warm - weights - caches) / GIB,
+           "live_after_warmup_over_weights_and_caches_gib": (live_warm - weights - caches) / GIB,
+           "peak_over_weights_and_caches_gib_by_call": {k: (v - weights - caches) / GIB for k, v in peaks.items()},
+           "live_at_end_by_origin_gib": live_by_origin() if args.memory_history else None,
            "backends": {k: engines[0].stats()[k] for k in ("text_attention", "cuda_graphs", "vision_graphs")}}
     print(json.dumps({k: v for k, v in res.items() if k != "ttft_ms"}, indent=1))
     for k, t in enumerate(res["ttft_ms"]):
