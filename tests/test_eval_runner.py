@@ -357,3 +357,21 @@ def test_bounded_mode_streams_under_a_budget_on_its_own_engine(bench, engine, tm
     for key, r in bounded.items():  # before any eviction a bounded stream answers as the full stream (other kernels)
         if r["evicted_s"] == 0:
             assert max(abs(a - b) for a, b in zip(r["choice"]["scores"], stream[key]["choice"]["scores"])) <= 1e-4, key
+
+
+def test_the_benchmarks_miniature_generator_writes_both_formats(tmp_path):
+    """benchmarks/make_minibench.py (the GPU row's benchmark): videos that decode, annotations that read."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("make_minibench", Path(__file__).parents[1] / "benchmarks" / "make_minibench.py")
+    mb = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mb)
+    assert mb.main(["--out", str(tmp_path), "--videos", "2", "--seconds", "8", "--size", "64", "--every", "4"]) == 0
+    ovo = read_annotations("ovo", tmp_path / "ovo.json")
+    sb = read_annotations("streamingbench", tmp_path / "sb.json")
+    # per video: questions at 4 s (two at one timestamp), REC probes at 2 and 6 s; one malformed entry each
+    assert len(ovo.events) == 2 * (2 + 2) and [p.index for p in ovo.problems] == [6]
+    assert len(sb.events) == 2 and [p.index for p in sb.problems] == [2]
+    assert sorted(ovo.videos()) == ["videos/mini0.mp4", "videos/mini1.mp4"]
+    cap = cv2.VideoCapture(str(tmp_path / "videos" / "mini1.mp4"))
+    assert cap.isOpened() and int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) == 8 * mb.VIDEO_FPS
+    cap.release()
