@@ -230,11 +230,17 @@ class KVCacheManager:
             other.recall = self.recall.clone()
         return other
 
-    def clear(self) -> None:
-        """Drop every tensor and snapshot (frees the memory); the head goes back to the empty state."""
+    def clear(self, keep_buffers: bool = False) -> None:
+        """The head goes back to the empty state and every snapshot is dropped; the cache buffers and the
+        recall slab are freed, or with ``keep_buffers`` kept for the next stream (what they hold is stale:
+        an empty head reads none of it, and every slot and slab row is free)."""
         # each step leaves a valid manager: empty head over old buffers, then no snapshots, then new buffers
         self._state = self.initial_state
         self._snapshots = []
+        if keep_buffers:
+            if self.recall is not None:
+                self.recall.forget()
+            return
         self.recall = RecallStore(self.budget.host_tokens) if self.recall is not None else None
         self.cache = StreamKVCache(*self.cache.shape, dtype=self.cache.dtype, device=self.cache.device,
                                    grow_min=self.cache.grow_min, initial_capacity=self.cache.initial_capacity)

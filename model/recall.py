@@ -77,6 +77,11 @@ class RecallStore:
             slab[:self.capacity].copy_(self.slab)
         self.slab, self.allocations = slab, self.allocations + 1
 
+    def forget(self) -> None:
+        """Drop what is stored, keep the slab (a stream reset that keeps its memory): rows are free when no
+        head stores a grid in them."""
+        self.summaries = {}
+
     def reserve(self, cache: StreamKVCache, grid_tokens: int) -> None:
         """Allocate the slab now (``host_tokens`` plus room for 4 grids of ``grid_tokens``) rather than at the
         first eviction: pinning GiBs of host memory takes seconds (2.8 s for 2.3 GiB on the H200 host)."""

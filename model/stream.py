@@ -73,8 +73,8 @@ class Stream:
     def varlen(self) -> bool:
         return self.fast and vision_varlen_supported()
 
-    def reset(self) -> None:
-        self.kv.clear()
+    def reset(self, keep_memory: bool = False) -> None:
+        self.kv.clear(keep_buffers=keep_memory)
 
     # -- segments ----------------------------------------------------------------------
     def _forward(self, txn: Transaction, kind: str, inputs: torch.Tensor, positions: torch.Tensor,

@@ -202,14 +202,19 @@ class VideoStreamInference(Transactional):
             gc.freeze()
         return info
 
-    def reset(self) -> None:
-        """Drop the stream (cache, state, snapshots; the memory is freed) and start a new one on the same model.
+    def reset(self, keep_memory: bool = False) -> None:
+        """Drop the stream (state, snapshots, cached tokens) and start a new one on the same model.
 
-        A reserved capacity goes with the cache: call ``warmup`` again before real-time use.
+        ``keep_memory=False``: the cache's memory is freed, and a reserved capacity goes with it
+        (call ``warmup`` again before real-time use). ``keep_memory=True``: the cache buffers, the
+        recall slab and the CUDA graphs captured over them stay for the next stream (nothing is
+        re-allocated or re-captured); what they hold is never read again. The next stream equals
+        one on a fresh engine either way.
         """
+        check_bool("keep_memory", keep_memory)
         self._acquire()
         try:
-            self._stream.reset()
+            self._stream.reset(keep_memory)
         finally:
             self._lock.release()
 

@@ -6,6 +6,8 @@
   own backends;
 - an append thread and an ask thread on one stream end equal to a sequential replay of the
   order the stream's lock admitted them;
+- a reset that keeps the cache's memory starts a stream equal to one on a fresh engine, over the
+  same buffers and graphs;
 - threads sharing one tokenizer (engines on one processor) never meet it mid-call (a fast
   tokenizer raises "Already borrowed" when one thread flips ``split_special_tokens`` while
   another uses it).
@@ -15,9 +17,11 @@ from __future__ import annotations
 import random
 import threading
 
+import pytest
 import torch
 
 from model import StreamConfig, VideoStreamInference
+from model.cuda_graphs import GraphRunner
 from model.offline import build_inputs, chat_segments, native_logits
 from model.prompt import decode, encode, encode_user_text
 from model.testing import synthetic_frames
@@ -166,3 +170,31 @@ def test_threads_sharing_one_tokenizer_never_meet_it_mid_call(tiny):
     for t in threads:
         t.join(timeout=120)
     assert not errors, errors
+
+
+@pytest.mark.parametrize("config", [{}, {"cache_budget_tokens": 130, "recall_grids": 1, "recall_host_tokens": 24}],
+                         ids=["unbounded", "bounded-with-recall"])
+def test_a_reset_that_keeps_memory_replays_a_stream_exactly_without_new_buffers_or_graphs(tiny, config):
+    """reset(keep_memory=True) == a fresh engine: the same stream replayed after it gives the same
+    results bit-for-bit (the first run was on a fresh engine), over the same buffers and graphs."""
+    model, proc = tiny
+    engine = VideoStreamInference(model, proc, config=StreamConfig(**config))
+    engine._stream.runner = GraphRunner(model, engine.kv, engine.config, capture=False)  # counts captures on CPU
+    ops = script(3)
+    first = [run(engine, op) for op in ops]
+    after_first = signature(engine)
+    buffers, captures = engine.kv.cache.buffers, engine._stream.runner.captures
+    slab = engine.kv.recall.slab if engine.kv.recall is not None else None
+    engine.reset(keep_memory=True)
+    assert engine.stats()["cache_tokens"] == 0 and engine.kv.snapshot_depth == 0
+    again = [run(engine, op) for op in ops]
+    assert all(same(a, b) for a, b in zip(first, again)), "the replay after reset(keep_memory=True) differs"
+    assert_same_signature(after_first, signature(engine))
+    assert engine.kv.cache.buffers is buffers and engine.kv.cache.allocations == 1
+    assert engine._stream.runner.captures == captures > 0  # every graph of the first run served the replay
+    if slab is not None:
+        assert engine.kv.recall.slab is slab and engine.stats()["evicted_grids"] > 0
+    engine.reset()  # the default frees the memory
+    assert engine.kv.cache.buffers is not buffers and engine.stats()["cache_reserved_bytes"] == 0
+    with pytest.raises(TypeError, match="keep_memory"):
+        engine.reset(keep_memory="yes")
