@@ -103,7 +103,10 @@ def _speed_table(modes: dict) -> list[str]:
         mem = ", ".join(f"{k} {v:.0f}" for k, v in m["memory_mib"].items()) or "-"
         lines.append(f"| {mode} | {m['answered']} | {ttft or '-'} | {pre} | {fps} | {m['total_s']:.2f} | {mem} |")
     return lines + ["", "TTFT: the wall time of the answering call (`ask_choice`, or `ask` to its first token), "
-                        "the stream's ingest excluded (it happens as frames arrive).", ""]
+                        "the stream's ingest excluded (it happens as frames arrive). Memory: the modes share one "
+                        "engine whose resets keep its cache buffers (no graph is captured again per video or "
+                        "question), so a peak includes buffers sized by other modes; `cache` is the largest "
+                        "cache this mode itself held.", ""]
 
 
 def _parity_lines(p: Optional[dict]) -> list[str]:

@@ -6,7 +6,8 @@
     write_report("eval-out", result)
 
 Per video: decode once at ``fps`` (up to its latest question), sort its events by time, and
-for each mode in turn: reset the engine, advance to each event's time (the stream mode appends
+for each mode in turn: reset the engine (keeping its memory: cache buffers and CUDA graphs serve every
+video and mode, so no answer waits for a graph capture after the warm-up), advance to each event's time (the stream mode appends
 only the frames that arrived since the last question), answer with every scorer (each call
 rolls back), append the record. Events already in ``OUT/results.jsonl`` are skipped, so an
 interrupted run resumes where it stopped (the stream mode re-ingests the video up to the
@@ -140,10 +141,10 @@ def _group_by_video(events: list[Event]) -> dict[str, list[Event]]:
 def _warm_up(engine, event: Event, frames: list, config: EvalConfig) -> bool:
     """One unrecorded question on the first frames, so that the first mode's timings exclude
     one-time costs (kernel selection, allocator growth, CUDA graph capture)."""
-    engine.reset()
+    engine.reset(keep_memory=True)
     engine.append_frames(frames[:2], fps=config.fps)
     answer_event(engine, event, config.generate_tokens)
-    engine.reset()
+    engine.reset(keep_memory=True)
     return True
 
 
@@ -192,7 +193,7 @@ def _run_mode(engine, name: str, events: list[Event], decoded, config: EvalConfi
             if name == "stream" and result.parity_done < config.parity:
                 record["parity"] = _parity(engine, event, record, mode.view(frames, n_seen), config.fps)
                 result.parity_done += 1
-            record["memory_mib"] = memory_mib(cuda)
+            record["memory_mib"] = memory_mib(cuda, engine)
             store.append(record)
             result.new_records += 1
             bar.update()
@@ -216,14 +217,16 @@ def _parity(engine, event: Event, record: dict, frames: list, fps: float) -> dic
         return {"error": f"out of memory on the offline path ({len(frames)} frames)", "failed": False}
 
 
-def memory_mib(cuda: bool) -> dict:
-    """GPU: peak allocated since the video's mode pass began. CPU: resident set now and the process peak."""
+def memory_mib(cuda: bool, engine=None) -> dict:
+    """GPU: peak allocated since the video's mode pass began (cache buffers kept from earlier modes and
+    videos included); CPU: resident set now and the process peak. ``cache``: the engine's live cache now."""
+    cache = {"cache": round(engine.stats()["cache_bytes"] / MIB, 3)} if engine is not None else {}
     if cuda:
-        return {"gpu_peak_allocated": round(torch.cuda.max_memory_allocated() / MIB, 1)}
+        return {"gpu_peak_allocated": round(torch.cuda.max_memory_allocated() / MIB, 1), **cache}
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
     try:
         with open("/proc/self/statm") as f:
             rss = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / MIB
     except OSError:
         rss = peak
-    return {"rss": round(rss, 1), "rss_peak": round(peak, 1)}
+    return {"rss": round(rss, 1), "rss_peak": round(peak, 1), **cache}
