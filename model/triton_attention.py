@@ -48,7 +48,9 @@ if triton is not None:
     def _split_kernel(Q, K, V, Start, Branch, Rank, Acc, Lse,
                       sqh, sqt, sqd, skh, skt, skd, svh, svt, svd,
                       n, G, M, scale,
-                      SPLITS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr,
+                      # SPLITS is a run-time argument (not constexpr): a new row count (an eager question, a
+                      # choice tree, a recall probe) picks another split count but never compiles a new variant
+                      SPLITS, BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr,
                       FP32: tl.constexpr, TREE: tl.constexpr, RANK: tl.constexpr):
         mb, h, s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         start = tl.load(Start).to(tl.int32)
@@ -112,7 +114,7 @@ if triton is not None:
 
     @triton.jit
     def _merge_kernel(Acc, Lse, Out, sot, soh, sod, n, G, M, HKV,
-                      SPLITS: tl.constexpr, BM: tl.constexpr, D: tl.constexpr):
+                      SPLITS, BM: tl.constexpr, D: tl.constexpr):  # SPLITS at run time, as above
         mb, h = tl.program_id(0), tl.program_id(1)
         rows = mb * BM + tl.arange(0, BM)
         row_ok = rows < M
