@@ -22,7 +22,6 @@ from .prompts import letter_prompt, letters, match_option
 
 SCORERS = ("choice", "choice_norm", "letter", "generate")
 PARITY_TIE = 1e-3  # offline margins below this are ties: a flipped choice there is not a failure
-FULL_LOGITS_BYTES = 1 << 30  # parity: largest (tokens x vocab) fp32 logits read in one offline forward
 
 
 def _timed(fn: Callable, *args, **kwargs) -> tuple[Any, float]:
@@ -63,9 +62,8 @@ def offline_choice_scores(model, processor, question: str, options: Sequence[str
     logits (V,), on exactly ``frames`` (none: the text-only prompt).
 
     One prefill of the prompt scores every one-token option (letters, Yes/No, digits). A longer
-    option takes one prefill with its tokens appended, reading every position's logits
-    (``all_tokens=True``) while those fit in FULL_LOGITS_BYTES, else one prefill per token prefix
-    (last position only), so that long videos do not need T x vocab logits in memory.
+    option takes one prefill with its tokens appended, reading the logits of its own positions
+    only (len(option) x vocab, however long the video).
     """
     tok = getattr(processor, "tokenizer", processor)
     prefix = chat_segments(processor, question, frames if frames else None, fps)
@@ -78,12 +76,7 @@ def offline_choice_scores(model, processor, question: str, options: Sequence[str
             scores.append(float(first_logp[ids[0]]))
             continue
         inputs = build_inputs(model, processor, prefix + [("ids", ids)])
-        if inputs.num_tokens * first.shape[-1] * 4 <= FULL_LOGITS_BYTES:
-            logits = native_logits(model, inputs, last=len(ids) + 1)[0, :-1]  # (len(ids), V)
-        else:
-            steps = [native_logits(model, build_inputs(model, processor, prefix + [("ids", ids[:k])]))[0, -1]
-                     for k in range(1, len(ids))]
-            logits = torch.stack([first] + steps)
+        logits = native_logits(model, inputs, last=len(ids) + 1)[0, :-1]  # (len(ids), V)
         logp = torch.log_softmax(logits, -1)
         scores.append(float(logp.gather(1, torch.tensor(ids, device=logp.device)[:, None]).sum()))
     return scores, first
