@@ -101,8 +101,7 @@ class RecallStore:
             k = torch.stack([kb.index_select(2, index)[0] for kb, _ in cache.buffers])  # (L, H_kv, n, D)
             v = torch.stack([vb.index_select(2, index)[0] for _, vb in cache.buffers])
             rows = torch.stack([k, v]).permute(3, 0, 1, 2, 4).contiguous()  # (n, 2, L, H_kv, D)
-            if self.slab is None:
-                self._grow(self.host_tokens + 4 * span.n, rows)
+            self.reserve(cache, span.n)  # the slab, if warmup() did not allocate it
             taken = self._taken(reachable) if taken is None else taken
             first = _first_run(~taken, span.n)
             while first is None:  # old snapshots hold more than the slab has room for: grow it
