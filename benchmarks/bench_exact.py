@@ -22,8 +22,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 from model import StreamConfig, VideoStreamInference  # noqa: E402
+from model.eval.scoring import offline_choice_scores  # noqa: E402
 from model.offline import build_inputs, chat_segments, native_generate, native_logits  # noqa: E402
-from model.prompt import encode_user_text  # noqa: E402
 from model.synthetic import synthetic_frames  # noqa: E402
 from model.testing import QWEN25_VL_3B_CONFIG, build_3b_processor, build_random_model  # noqa: E402
 from model.timing import set_exact_fp32  # noqa: E402
@@ -33,12 +33,7 @@ CHOICES = ["a red circle", "a green square", "a blue triangle", "nothing"]
 
 
 def offline_choice(model, proc, frames) -> int:
-    scores = []
-    for c in CHOICES:
-        ids = encode_user_text(proc.tokenizer, c)
-        inputs = build_inputs(model, proc, chat_segments(proc, Q, frames, FPS) + [("ids", ids)])
-        logp = torch.log_softmax(native_logits(model, inputs, last=len(ids) + 1)[0, :-1], -1)  # (len(ids), V)
-        scores.append(float(logp.gather(1, torch.tensor(ids, device=logp.device)[:, None]).sum()))
+    scores, _ = offline_choice_scores(model, proc, Q, CHOICES, frames, FPS)  # the benchmark runner's parity scorer
     return max(range(len(scores)), key=scores.__getitem__)
 
 

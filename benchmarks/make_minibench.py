@@ -60,7 +60,7 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     rng = random.Random(args.seed)
-    ovo, sb, n_ovo, n_sb = [], [], 0, 0
+    ovo, sb, n_ovo = [], [], 0
     colours = list(COLOURS)
     for v in range(args.videos):
         rel = f"videos/mini{v}.mp4"
