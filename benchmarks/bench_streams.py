@@ -73,7 +73,7 @@ def main(argv=None) -> int:
     ttft = [[] for _ in engines]
     peaks = {"append_frames": 0, "ask": 0}  # streaming's own peaks, per call kind, apart from the warm-up
 
-    def timed(kind, call):
+    def peak_of(kind, call):
         torch.cuda.reset_peak_memory_stats()
         out = call()
         peaks[kind] = max(peaks[kind], torch.cuda.max_memory_allocated())
@@ -83,9 +83,9 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     for i in range(0, n_frames, CHUNK):
         for k, e in enumerate(engines):
-            timed("append_frames", lambda: e.append_frames(videos[k][i:i + CHUNK], fps=FPS))
+            peak_of("append_frames", lambda: e.append_frames(videos[k][i:i + CHUNK], fps=FPS))
             if (i + CHUNK) % (EVERY * FPS) == 0:
-                ttft[k].append(1e3 * timed("ask", lambda: e.ask(Q, max_new_tokens=1)).ttft_s)
+                ttft[k].append(1e3 * peak_of("ask", lambda: e.ask(Q, max_new_tokens=1)).ttft_s)
     sync()
     wall = time.perf_counter() - t0
     caches = sum(e.kv.reserved_bytes() for e in engines)
