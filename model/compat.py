@@ -92,7 +92,7 @@ def _forward_params(cls) -> frozenset:
 
 
 def cache_kwargs(module: torch.nn.Module, cache, cache_len: int, n_new: int, device) -> dict:
-    """Keyword arguments that hand ``cache`` to ``module.forward`` (a text model or the full model).
+    """Keyword arguments that hand ``cache`` to ``module.forward`` (a text model, the full model or a decoder layer).
 
     4.57 names it ``past_key_values`` and wants ``cache_position``; 5.x renamed it ``cache``
     (``past_key_values`` is a deprecated alias until 5.40) and dropped ``cache_position``.
@@ -102,6 +102,23 @@ def cache_kwargs(module: torch.nn.Module, cache, cache_len: int, n_new: int, dev
     if "cache_position" in params:
         kw["cache_position"] = torch.arange(cache_len, cache_len + n_new, device=device)
     return kw
+
+
+def run_first_layers(lm: torch.nn.Module, inputs_embeds: torch.Tensor, positions: torch.Tensor, attention_mask,
+                     cache, cache_len: int, layers: int) -> torch.Tensor:
+    """The first ``layers`` decoder layers of text model ``lm``, as its forward runs them -> (1, n, D) hidden.
+
+    inputs_embeds (1, n, D), positions (3, 1, n). What the forward does before the loop (rotary
+    embeddings) is the same on 4.57 and 5.x; the layers take the cache as ``cache_kwargs`` names it
+    and return a tensor (5.x) or a 1-tuple (4.57).
+    """
+    hidden = inputs_embeds
+    rotary = lm.rotary_emb(hidden, positions)
+    kwargs = cache_kwargs(lm.layers[0], cache, cache_len, inputs_embeds.shape[1], inputs_embeds.device)
+    for layer in lm.layers[:layers]:
+        out = layer(hidden, attention_mask=attention_mask, position_ids=None, position_embeddings=rotary, **kwargs)
+        hidden = out[0] if isinstance(out, tuple) else out
+    return hidden
 
 
 def new_dynamic_cache(config):

@@ -41,6 +41,7 @@ class StreamConfig:
     sink_frames: int = 2  # the stream's first video frames, never evicted (rounded up to whole 2-frame grids)
     recall_grids: int = 0  # evicted 2-frame grids a question may bring back from host memory (0: no recall)
     recall_host_tokens: int = 262_144  # evicted tokens kept in host memory for recall (the oldest dropped beyond)
+    recall_probe_layers: int = 8  # decoder layers whose queries score the evicted grids (fewer: faster, coarser)
 
     def __post_init__(self) -> None:
         for name in ("fast", "cuda_graphs", "vision_graphs"):
@@ -74,6 +75,9 @@ class StreamConfig:
         for name in ("recall_grids", "recall_host_tokens"):
             if not _is_int(getattr(self, name)) or getattr(self, name) < 0:
                 raise ValueError(f"StreamConfig.{name} must be an int >= 0, got {getattr(self, name)!r}")
+        if not _is_int(self.recall_probe_layers) or self.recall_probe_layers < 1:
+            raise ValueError(f"StreamConfig.recall_probe_layers must be an int >= 1 (more than the model has: all), "
+                             f"got {self.recall_probe_layers!r}")
         if self.recall_grids and budget is None and window is None:
             raise ValueError("StreamConfig.recall_grids recalls evicted video: it needs cache_budget_tokens or "
                              "video_window_seconds")

@@ -19,7 +19,8 @@ own cache buffers:
   (``compat.vision_static_kwargs``) so nothing syncs with the host inside.
 A capture that fails turns that kind of graph off (``disabled`` says why); the caller then
 runs eagerly. Captures hold a process-wide lock, and all graphs on a device share one memory
-pool (``_shared_pool``), so N streams cost N caches, not N sets of activations.
+pool (``_shared_pool``) and one side stream for warm-ups and captures (``_capture_stream``), so
+N streams cost N caches, not N sets of activations or cuBLAS workspaces.
 """
 from __future__ import annotations
 
@@ -34,9 +35,11 @@ from .config import StreamConfig
 from .kv_cache import CacheView, StreamKVCache
 from .kv_cache_manager import KVCacheManager
 from .masks import StreamMask, rank_mask, rank_of, scan_end, static_causal_mask
+from .recall import QueryProbe
 
 _CAPTURE_LOCK = threading.Lock()  # one capture at a time in the process (not a setting)
 _POOLS: dict = {}  # device -> the memory pool every graph on it shares (not a setting)
+_STREAMS: dict = {}  # device -> the side stream every warm-up and capture on it runs on (not a setting)
 
 
 def _shared_pool(device: torch.device):
@@ -50,6 +53,17 @@ def _shared_pool(device: torch.device):
     if device not in _POOLS:
         _POOLS[device] = torch.cuda.graph_pool_handle()
     return _POOLS[device]
+
+
+def _capture_stream(device: torch.device) -> torch.cuda.Stream:
+    """One side stream per device for every graph's warm-up and capture.
+
+    cuBLAS keeps a workspace (32 MiB on the H200) per stream it has run on, for the life of the
+    process; a new stream per capture cost 32 MiB each (1 GiB over 8 streams' warm-ups, measured).
+    """
+    if device not in _STREAMS:
+        _STREAMS[device] = torch.cuda.Stream(device)
+    return _STREAMS[device]
 
 
 class _EagerReplay:
@@ -73,6 +87,7 @@ class _Graph:
     last: Optional[torch.Tensor] = None  # (1,) the row whose logits are returned (the segment's last token)
     index: Optional[torch.Tensor] = None  # (b,) a bounded stream's slots for the rows
     visible: Optional[torch.Tensor] = None  # (capacity,) bool, a bounded stream's kept slots
+    weights: Optional[torch.Tensor] = None  # (b,) float32 row weights of recall's probe (``QueryProbe``)
     keep: tuple = field(default=())  # every other tensor the graph reads: it must outlive the graph
 
 
@@ -90,16 +105,16 @@ class _Recorder:
             replay = _EagerReplay(step)
             return replay, replay.out
         with _CAPTURE_LOCK:
-            stream = torch.cuda.Stream()
+            device = torch.device("cuda", torch.cuda.current_device())
+            stream = _capture_stream(device)
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):
                 for _ in range(2):  # warm-up outside the graph (allocator, kernels)
                     step()
-            torch.cuda.current_stream().wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=_shared_pool(torch.device("cuda", torch.cuda.current_device())),
-                                  capture_error_mode="thread_local"):
+            with torch.cuda.graph(graph, pool=_shared_pool(device), stream=stream, capture_error_mode="thread_local"):
                 out = step()
+            torch.cuda.current_stream().wait_stream(stream)
         return graph, out
 
     def fail(self, e: Exception) -> None:
@@ -110,12 +125,15 @@ class _Recorder:
 
 
 class GraphRunner(_Recorder):
-    """Captured language-model forwards of token segments (questions, decode steps) and video chunks."""
+    """Captured language-model forwards of token segments (questions, decode steps), video chunks and
+    recall's probes (a question through the first layers, reading its queries)."""
 
-    def __init__(self, model, kv: KVCacheManager, config: StreamConfig, capture: bool = True, live_kernel=None):
+    def __init__(self, model, kv: KVCacheManager, config: StreamConfig, capture: bool = True, live_kernel=None,
+                 probe=None):
         super().__init__(capture)
         self.model, self.kv, self.config = model, kv, config
         self.live_kernel = live_kernel  # a (past, n, dtype, start) -> mask builder reading the length on the device
+        self.probe = probe  # a (rows, n) -> QueryProbe builder (bounded streams with recall)
         self.graphs: dict[tuple, _Graph] = {}
         self.buffers = None  # the cache buffers the graphs were captured against
 
@@ -127,7 +145,9 @@ class GraphRunner(_Recorder):
         """Rows a captured segment of n tokens occupies (its bucket), or None if graphs do not take it."""
         if self.disabled is not None or n < 1:
             return None
-        if kind == "ids":
+        if kind == "probe" and self.probe is None:
+            return None
+        if kind in ("ids", "probe"):
             return next((b for b in self.config.graph_buckets if b >= n), None)
         return n if n <= self.config.max_graph_embed_rows else None
 
@@ -137,26 +157,29 @@ class GraphRunner(_Recorder):
         """Write a segment at ``start``; capacity for ``rows(kind, n)`` tokens must be there.
 
         kind "ids": (n,) token ids -> (1, 1, V) float32 logits of the last one; kind "embeds":
-        (1, n, D) embeddings -> an empty tensor. None if no graph could be captured. A bounded
-        stream passes ``index``: (rows,) free slots, the segment's first, and ``visible``: its kept slots.
+        (1, n, D) embeddings -> an empty tensor; kind "probe": (n,) token ids -> (P, H_kv, D) query
+        means (``QueryProbe``). None if no graph could be captured. A bounded stream passes
+        ``index``: (rows,) free slots, the segment's first, and ``visible``: its kept slots.
         """
-        n = inputs.shape[0] if kind == "ids" else inputs.shape[1]
+        n = inputs.shape[1] if kind == "embeds" else inputs.shape[0]
         g = self._graph(kind, self.rows(kind, n), start, index)
         if g is None:
             return None
         if index is not None:
             g.index.copy_(index)
             g.visible.copy_(visible)
-        if kind == "ids":
-            g.inputs[:n].copy_(inputs, non_blocking=True)
-        else:
+        if kind == "embeds":
             g.inputs.copy_(inputs)
+        else:
+            g.inputs[:n].copy_(inputs, non_blocking=True)
+        if kind == "probe":
+            g.weights.copy_(QueryProbe.uniform(g.weights.numel(), n, g.weights.device))
         g.positions[:, 0, :n].copy_(positions, non_blocking=True)
         g.positions[:, 0, n:] = g.positions[:, 0, n - 1:n]
         g.start.fill_(start)
         g.last.fill_(n - 1)
         g.graph.replay()
-        return g.out.clone() if kind == "ids" else g.out[:, :0]
+        return g.out[:, :0] if kind == "embeds" else g.out.clone()
 
     def _graph(self, kind: str, b: int, start: int, index: Optional[torch.Tensor] = None) -> Optional[_Graph]:
         if self.buffers is not self.cache.buffers:  # new buffers (growth): every graph points at the old ones
@@ -175,10 +198,12 @@ class GraphRunner(_Recorder):
         """Record the step; warm-up and capture write K/V at [at, at+b), past the working head (a bounded
         stream: at ``slots``, free in every reachable head), never where a committed token is."""
         model, device, cfg = self.model, self.model.device, self.config
-        if kind == "ids":
-            inputs = torch.zeros(b, dtype=torch.long, device=device)
-        else:
+        if kind == "embeds":
             inputs = torch.zeros(1, b, compat.text_config(model.config).hidden_size, dtype=model.dtype, device=device)
+        else:
+            inputs = torch.zeros(b, dtype=torch.long, device=device)
+        probe = self.probe(b, b) if kind == "probe" else None  # its weights and output are static buffers
+        assert probe is None or slots is not None, "recall's probe runs on bounded streams only"
         positions = torch.zeros(3, 1, b, dtype=torch.long, device=device)
         start = torch.tensor(at, dtype=torch.long, device=device)
         last = torch.zeros(1, dtype=torch.long, device=device)
@@ -194,20 +219,25 @@ class GraphRunner(_Recorder):
             index = slot_index if bounded else start + rows  # (b,) where this segment's K/V go
             if bounded:  # scattered slots: each slot's rank says which rows see it
                 rank = rank_of(visible, index)
-                mask = (StreamMask(0, None, cfg.fold_max_rows, cfg.rows_max_scores, scan_end(rank), rank=rank)
+                mask = (StreamMask(0, None, cfg.fold_max_rows, cfg.rows_max_scores, scan_end(rank), rank=rank,
+                                   on_query=probe)
                         if self.live_kernel is not None else
-                        StreamMask(0, rank_mask(rank, b, None, model.dtype), cfg.fold_max_rows, cfg.rows_max_scores))
+                        StreamMask(0, rank_mask(rank, b, None, model.dtype), cfg.fold_max_rows, cfg.rows_max_scores,
+                                   on_query=probe))
             elif self.live_kernel is not None:  # attention reads [0, start+b) only: cost follows the live length
                 mask = self.live_kernel(at, b, model.dtype, start)
             else:  # the whole capacity, masked per row
                 mask = StreamMask(0, static_causal_mask(index, cols, zero), cfg.fold_max_rows, cfg.rows_max_scores)
-            embeds = model.get_input_embeddings()(inputs)[None] if kind == "ids" else inputs
+            embeds = inputs if kind == "embeds" else model.get_input_embeddings()(inputs)[None]
+            if probe is not None:  # the first layers' attention writes the query means into probe.out
+                model.run_first_layers(CacheView(buffers, 0, index), embeds, positions[:, 0], mask, probe.layers)
+                return probe.out
             hidden = model.run_language_model(CacheView(buffers, 0, index), embeds, positions, mask)
             return model.lm_head(hidden.index_select(1, last)).float() if kind == "ids" else hidden[:, :1, :1]
 
         graph, out = self.record(step)
         return _Graph(graph, inputs, out, positions, start, last, slot_index, visible,
-                      keep=(rows, cols, zero, buffers))
+                      probe.weights if probe is not None else None, keep=(rows, cols, zero, buffers))
 
 
 class VisionGraphs(_Recorder):

@@ -95,7 +95,24 @@ def text_attention(module, query, key, value, attention_mask, scaling=None, drop
             attention_mask.on_query(module.layer_idx, query)
         scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
         return _stream_kernels(query, key, value, attention_mask, scaling), None
+    if attention_mask is None and query.is_cuda and query.dtype == torch.float32 and key.shape[1] != query.shape[1]:
+        # Overridden: transformers hands SDPA grouped K/V with enable_gqa here, which no fused fp32 kernel
+        # takes: the math kernel then materialises heads x T x T scores (59 GiB for the offline reference
+        # at 31k tokens on the H200). Expanded K/V run the memory-efficient kernel, as with a mask.
+        return sdpa_expanded(module, query, key, value, scaling, **kwargs), None
     return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+
+
+def sdpa_expanded(module, query, key, value, scaling=None, **kwargs):
+    """transformers' maskless sdpa attention (causal when n > 1) with K/V heads expanded -> (B, n, Hq, D)."""
+    g, n = query.shape[1] // key.shape[1], query.shape[2]
+    is_causal = n > 1 and (kwargs.get("is_causal") if kwargs.get("is_causal") is not None else
+                           getattr(module, "is_causal", True))
+    if is_causal and key.shape[2] > n:  # as transformers: only a prefill into an empty static cache gets here
+        key, value = key[:, :, :n], value[:, :, :n]
+    out = F.scaled_dot_product_attention(query, _expand_heads(key, g), _expand_heads(value, g), is_causal=is_causal,
+                                         scale=scaling)
+    return out.transpose(1, 2).contiguous()
 
 
 def _batched_windows(query, key, value, cu_seqlens, longest: int, scaling):

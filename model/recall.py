@@ -3,11 +3,14 @@
 With ``StreamConfig.recall_grids`` > 0, a bounded stream keeps each grid it evicts in one host
 slab (pinned on CUDA): its K/V exactly as they were in the cache (keys rotated at their original
 positions), plus a summary on the device, the mean key per layer and K/V head. At question time
-(``Stream.open_question``) the question is first run on a dropped fork to read its own queries
-at every layer; each stored grid scores sum over layers and heads of (mean query . mean key),
-ReKV's block retrieval; the ``recall_grids`` best are copied into free cache slots of the
-question's transaction and attended at their original positions, by the question and its answer
-only (the commit of a turn drops them again). Which grids are stored is part of the committed
+(``Stream.open_question``) the question is first run on a dropped fork through the first
+``recall_probe_layers`` decoder layers (a CUDA graph on the GPU) to read its own queries; each stored
+grid scores sum over those layers and heads of (mean query . mean key), ReKV's block retrieval;
+the ``recall_grids`` best are copied into free cache slots of the question's transaction and
+attended at their original positions, by the question and its answer only (the commit of a turn
+drops them again). The probe leaves out a held odd frame (encoding it twice would double the cost)
+and the deeper layers: a cheaper, coarser relevance, which only decides *which* grids come back;
+what the question computes with them is exact either way. Which grids are stored is part of the committed
 head (``SlotLayout.stored``, whose spans' slots are slab rows); this store holds the slab and
 the summaries.
 """
@@ -37,6 +40,29 @@ def recalled(layout) -> tuple[Recalled, ...]:
     if layout is None:
         return ()
     return tuple(Recalled(s.seq, s.n, s.start_s, s.start_s + s.seconds) for s in layout.spans if s.recalled)
+
+
+class QueryProbe:
+    """The probe's reading: per layer, the (row-weighted) mean of the question's rotated queries, per K/V head.
+
+    Called by the attention function as ``on_query(layer, query)``; writes into ``out`` in place, so a
+    CUDA graph can capture it (``weights`` and ``out`` are then the graph's static buffers).
+    """
+
+    def __init__(self, layers: int, kv_heads: int, head_dim: int, weights: torch.Tensor):
+        self.layers = layers
+        self.weights = weights  # (rows,) float32: 1/n for the n real rows, 0 for a graph's pad rows
+        self.out = torch.zeros(layers, kv_heads, head_dim, dtype=torch.float32, device=weights.device)
+
+    @staticmethod
+    def uniform(rows: int, n: int, device) -> torch.Tensor:
+        return (torch.arange(rows, device=device) < n).float() / n
+
+    def __call__(self, layer: int, query: torch.Tensor) -> None:  # query (1, H_q, rows, D)
+        if layer < self.layers:
+            q = torch.einsum("hrd,r->hd", query[0].float(), self.weights)  # (H_q, D)
+            kv_heads, head_dim = self.out.shape[1:]
+            self.out[layer].copy_(q.view(kv_heads, -1, head_dim).sum(1))  # the query heads of each K/V head
 
 
 class RecallStore:
@@ -115,18 +141,23 @@ class RecallStore:
             out.append(span.moved(span.slots, recalled=False, row=first))
         return out
 
-    def scores(self, queries: dict[int, torch.Tensor], candidates: tuple[Span, ...]) -> list[float]:
-        """queries: layer -> (1, H_q, n, D) the question's rotated queries; -> a relevance per candidate."""
-        layers = sorted(queries)
-        summaries = torch.stack([self.summaries[s.grid] for s in candidates])  # (N, L, H_kv, D)
-        hkv = summaries.shape[2]
-        q = torch.stack([queries[i][0].float().mean(1) for i in layers])  # (L, H_q, D): mean over tokens
-        q = q.view(len(layers), hkv, -1, q.shape[-1]).sum(2)  # (L, H_kv, D): the query heads of each K/V head
-        return torch.einsum("lhd,nlhd->n", q, summaries).tolist()
+    def scores(self, queries: torch.Tensor, candidates: tuple[Span, ...]) -> list[float]:
+        """queries: (P, H_kv, D) ``QueryProbe.out`` of the first P layers -> a relevance per candidate."""
+        p = queries.shape[0]
+        summaries = torch.stack([self.summaries[s.grid][:p] for s in candidates])  # (N, P, H_kv, D)
+        return torch.einsum("lhd,nlhd->n", queries, summaries).tolist()
 
-    def load(self, cache: StreamKVCache, span: Span, slots: torch.Tensor) -> None:
-        """Write a stored grid's K/V into (n,) device ``slots`` of every layer (one host-to-device copy)."""
-        rows = self.slab[span.row:span.row + span.n].to(cache.device, non_blocking=True)  # (n, 2, L, H_kv, D)
+    def load(self, cache: StreamKVCache, spans: list[Span], slots: torch.Tensor) -> None:
+        """Write stored grids' K/V into (sum n,) device ``slots`` of every layer, in ``spans`` order.
+
+        One host-to-device copy per grid (pinned: asynchronous) into one staging tensor, then one
+        write per layer and K/V for all grids together.
+        """
+        rows = torch.empty((slots.numel(), *self.slab.shape[1:]), dtype=self.slab.dtype, device=cache.device)
+        at = 0
+        for span in spans:
+            rows[at:at + span.n].copy_(self.slab[span.row:span.row + span.n], non_blocking=True)  # (n, 2, L, H_kv, D)
+            at += span.n
         for i, (kb, vb) in enumerate(cache.buffers):
             kb.index_copy_(2, slots, rows[:, 0, i].transpose(0, 1)[None])
             vb.index_copy_(2, slots, rows[:, 1, i].transpose(0, 1)[None])
@@ -155,19 +186,17 @@ def _first_run(free: torch.Tensor, n: int):
 def bring_back(stream, txn, question: str) -> None:
     """Score the stored grids with the question's own queries (read on a dropped fork of ``txn``), load
     the best ``recall_grids`` into free slots of ``txn``: visible to this question and its answer only."""
-    queries: dict = {}
     probe = txn.fork()
     stream.ensure_turn(probe)
-    stream.close_block(probe, stream.pieces.question_ids(stream.tokenizer, question), on_query=queries.__setitem__)
+    queries = stream.close_block(probe, stream.pieces.question_ids(stream.tokenizer, question), probe=True)
     stored, kv = txn.state.layout.stored, stream.kv
     scores = kv.recall.scores(queries, stored)
     best = sorted(sorted(range(len(stored)), key=lambda i: (-scores[i], -stored[i].seq))[:stream.config.recall_grids])
-    slots = kv.allocate(txn, sum(stored[i].n for i in best))  # (n,) CPU
-    device_slots = slots.to(kv.cache.device)
-    spans, at = [], 0
-    for i in best:
-        span = stored[i]
-        kv.recall.load(kv.cache, span, device_slots[at:at + span.n])
-        spans.append(span.moved(slots[at:at + span.n], recalled=True))
+    spans = [stored[i] for i in best]
+    slots = kv.allocate(txn, sum(s.n for s in spans))  # (n,) CPU
+    kv.recall.load(kv.cache, spans, slots.to(kv.cache.device))
+    at, moved = 0, []
+    for span in spans:
+        moved.append(span.moved(slots[at:at + span.n], recalled=True))
         at += span.n
-    txn.update(layout=txn.state.layout.recall(spans))
+    txn.update(layout=txn.state.layout.recall(moved))

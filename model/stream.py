@@ -23,7 +23,7 @@ from .kv_cache_manager import KVCacheManager, Transaction
 from .masks import StreamMask, branch_starts, causal_mask, rank_of, scan_end, slot_mask, tree_mask
 from .positions import next_start, text_positions, vision_positions
 from .prompt import VISION_END, VISION_START, encode
-from .recall import bring_back
+from .recall import QueryProbe, bring_back
 from .slot_layout import SlotLayout, budget_stats
 
 
@@ -64,8 +64,8 @@ class Stream:
         self.fast = config.fast and model.stream_kernels
         self.live_kernel = live_length_kernel(config.attention_kernel, self.fast, model.device)
         graphs = self.fast and model.device.type == "cuda"
-        self.runner = (GraphRunner(model, self.kv, config, live_kernel=self.causal if self.live_kernel else None)
-                       if graphs and config.cuda_graphs else None)
+        self.runner = (GraphRunner(model, self.kv, config, live_kernel=self.causal if self.live_kernel else None,
+                                   probe=self.query_probe) if graphs and config.cuda_graphs else None)
         varlen_graphs = graphs and config.vision_graphs and self.varlen
         self.vision_graphs = VisionGraphs(model) if varlen_graphs else None
 
@@ -78,17 +78,18 @@ class Stream:
 
     # -- segments ----------------------------------------------------------------------
     def _forward(self, txn: Transaction, kind: str, inputs: torch.Tensor, positions: torch.Tensor,
-                 logits: str, tree: Optional[list[int]] = None, grids: int = 0, on_query=None) -> Optional[torch.Tensor]:
+                 logits: str, tree: Optional[list[int]] = None, grids: int = 0) -> Optional[torch.Tensor]:
         """Write one segment after the working head and advance it; graph or eager is decided here.
 
-        kind "ids": (n,) token ids; "embeds": (1, n, D). positions (3, n). ``tree``: the segment is
-        choice branches of these lengths (``tree``), else causal after the cache. ``grids``: it is
-        that many video grids (what a bounded stream may evict). ``on_query``: recall's probe (bounded
-        streams). Returns (1, n|1, V) or None.
+        kind "ids": (n,) token ids; "embeds": (1, n, D); "probe": (n,) token ids through the first
+        ``recall_probe_layers`` layers only (recall's probe, bounded streams, on a dropped fork).
+        positions (3, n). ``tree``: the segment is choice branches of these lengths (``tree``), else
+        causal after the cache. ``grids``: it is that many video grids (what a bounded stream may
+        evict). Returns (1, n|1, V) logits, a probe's (P, H_kv, D) query means, or None.
         """
-        n = inputs.shape[0] if kind == "ids" else inputs.shape[1]
-        slots, out = None, None
-        graph_fits = logits != "all" and (kind == "ids" or logits == "none") and tree is None and on_query is None
+        n = inputs.shape[1] if kind == "embeds" else inputs.shape[0]
+        slots, out, probe = None, None, None
+        graph_fits = logits != "all" and (kind != "embeds" or logits == "none") and tree is None
         rows = self.runner.rows(kind, n) if self.runner is not None and graph_fits else None
         if self.kv.bounded:
             if rows is not None:  # a graph over the whole cache: rows slots, the first n are the segment's
@@ -100,8 +101,10 @@ class Stream:
                 slots = index[:n] if out is not None else None
             if out is None:
                 view, slots = self.kv.slot_view(txn, n)
-                mask = self.bounded_mask(txn, view.index, tree, on_query)
+                probe = self.query_probe(n, n) if kind == "probe" else None
+                mask = self.bounded_mask(txn, view.index, tree, probe)
         else:
+            assert kind != "probe", "recall's probe runs on bounded streams only"
             if rows is not None:
                 self.kv.ensure(txn, rows)
                 out = self.runner.run(kind, txn.length, inputs, positions)  # None: no graph could be captured
@@ -109,11 +112,21 @@ class Stream:
                 view = self.kv.view(txn, n)
                 mask = self.causal(txn.length, n, self.model.dtype) if tree is None else self.tree(txn.length, tree)
         if out is None:
-            embeds = self.model.embed_ids(inputs) if kind == "ids" else inputs
-            out = self.model.forward_segment(view, embeds, positions, mask, logits=logits)
+            embeds = inputs if kind == "embeds" else self.model.embed_ids(inputs)
+            if probe is not None:  # the attention of the first layers writes the query means into probe.out
+                self.model.run_first_layers(view, embeds, positions, mask, probe.layers)
+                out, logits = probe.out, "probe"
+            else:
+                out = self.model.forward_segment(view, embeds, positions, mask, logits=logits)
         txn.wrote(n, slots=slots, grids=grids, seconds_per_grid=txn.state.second_per_grid_t or 0.0,
                   next_position=max(txn.state.next_position, next_start(positions)))
-        return out if logits != "none" else None
+        return out if logits != "none" or kind == "probe" else None
+
+    def query_probe(self, rows: int, n: int) -> QueryProbe:
+        """Recall's probe for n tokens in ``rows`` rows: the first ``recall_probe_layers`` layers' query means."""
+        layers, kv_heads, head_dim = self.model.kv_shape()
+        weights = QueryProbe.uniform(rows, n, self.model.device)
+        return QueryProbe(min(self.config.recall_probe_layers, layers), kv_heads, head_dim, weights)
 
     def causal(self, past: int, n: int, dtype, start: Optional[torch.Tensor] = None):
         """The mask of n tokens after ``past`` cached ones, in the form this stream's kernels take.
@@ -152,17 +165,18 @@ class Stream:
         return StreamMask(txn.length, dense, cfg.fold_max_rows, cfg.rows_max_scores, on_query=on_query)
 
     def feed_ids(self, txn: Transaction, ids: list[int], logits: str = "none", positions: Optional[torch.Tensor] = None,
-                 tree: Optional[list[int]] = None, on_query=None) -> Optional[torch.Tensor]:
+                 tree: Optional[list[int]] = None, probe: bool = False) -> Optional[torch.Tensor]:
         """Append text token ids, at the next free positions unless (3, n) ``positions`` are given.
 
-        ``tree``: the ids are choice branches of these lengths packed one after another.
+        ``tree``: the ids are choice branches of these lengths packed one after another. ``probe``:
+        recall's probe (``_forward`` kind "probe").
         """
         if not ids:
             return None
         if positions is None:
             positions = text_positions(txn.state.next_position, len(ids))
-        return self._forward(txn, "ids", torch.tensor(ids, dtype=torch.long, device=self.model.device), positions,
-                             logits, tree, on_query=on_query)
+        return self._forward(txn, "probe" if probe else "ids", torch.tensor(ids, dtype=torch.long, device=self.model.device),
+                             positions, logits, tree)
 
     def feed_text(self, txn: Transaction, text: str, logits: str = "none") -> Optional[torch.Tensor]:
         """Append trusted template text (never user text: see ``prompt.encode_user_text``)."""
@@ -244,8 +258,10 @@ class Stream:
             self.kv.recall.reserve(self.kv.cache, max(s.n for s in txn.state.layout.spans if s.grid >= 0))
         self.append_video(txn, raw[:1], fps)  # a held frame ...
         self.close_block(txn)  # ... flushed padded: the one-grid graphs
-        for b in self.config.graph_buckets:  # questions and decode steps of every bucket
+        for b in self.config.graph_buckets:  # questions and decode steps of every bucket (and recall's probes)
             self.feed_ids(txn.fork(), [0] * b, logits="last")
+            if self.kv.recall is not None:
+                self.feed_ids(txn.fork(), [0] * b, probe=True)
 
     # -- blocks and turns --------------------------------------------------------------
     def ensure_turn(self, txn: Transaction) -> None:
@@ -263,20 +279,22 @@ class Stream:
         txn.update(block_start=txn.state.next_position, next_t_index=0, second_per_grid_t=second_per_grid_t)
 
     def close_block(self, txn: Transaction, then_ids: list[int] = (), logits: str = "none",
-                    on_query=None) -> Optional[torch.Tensor]:
+                    probe: bool = False) -> Optional[torch.Tensor]:
         """Close an open video block and feed ``then_ids`` in the same segment (one forward, not two).
 
         A held odd frame is encoded padded first (the last frame repeated, as the processor pads).
+        ``probe``: recall's probe on a dropped fork: the held frame is left out and the ids run as
+        ``_forward`` kind "probe" (-> (P, H_kv, D) query means).
         """
         ids = list(then_ids)
         if txn.state.block_start is not None:
             pending = txn.state.pending_frame
-            if pending is not None:
+            if pending is not None and not probe:
                 self.feed_frames(txn, pad_to_temporal_patch(pending[None], self.video_pixels.temporal_patch_size),
                                  self.video_pixels)
             txn.update(block_start=None, next_t_index=0, second_per_grid_t=None, pending_frame=None, frame_size=None)
             ids = encode(self.tokenizer, VISION_END) + ids
-        return self.feed_ids(txn, ids, logits=logits, on_query=on_query) if ids else None
+        return self.feed_ids(txn, ids, logits=logits, probe=probe) if ids else None
 
     def open_question(self, txn: Transaction, question: str) -> torch.Tensor:
         """Close the block and feed the question + assistant header; returns (1, V) logits of the next token.

@@ -83,3 +83,14 @@ class StreamQwenModel(Qwen2_5_VLForConditionalGeneration):
         out = lm(inputs_embeds=inputs_embeds, position_ids=positions, attention_mask=attention_mask,
                  **compat.cache_kwargs(lm, view, view.start, inputs_embeds.shape[1], inputs_embeds.device))
         return out.last_hidden_state
+
+    def run_first_layers(self, view: CacheView, inputs_embeds: torch.Tensor, positions: torch.Tensor,
+                         attention_mask: StreamMask, layers: int) -> torch.Tensor:
+        """(1, n, D) embeddings at (3, n) positions through the first ``layers`` decoder layers only.
+
+        For recall's probe, which reads the queries of those layers (``attention_mask.on_query``):
+        the later layers' K/V are not written and the hidden states are not normed.
+        """
+        lm = compat.language_model(self)
+        return compat.run_first_layers(lm, inputs_embeds, positions.to(inputs_embeds.device)[:, None, :],
+                                       attention_mask, view, view.start, layers)

@@ -148,7 +148,8 @@ def test_random_bounded_streams_equal_the_masked_offline_reference(tiny, seed, r
                           sink_frames=rng.choice([0, 2, 3]), recall_grids=recall, recall_host_tokens=60)
     rec, texts = Recorded(VideoStreamInference(*tiny, config=config)), set()
     if graphs:
-        rec.engine._stream.runner = GraphRunner(tiny[0], rec.engine.kv, rec.engine.config, capture=False)
+        rec.engine._stream.runner = GraphRunner(tiny[0], rec.engine.kv, rec.engine.config, capture=False,
+                                                probe=rec.engine._stream.query_probe)
     seen, evictions = 0, 0
     while seen < 30:
         n = rng.randint(1, 5)
@@ -281,6 +282,7 @@ def test_memory_stays_bounded_over_a_long_stream(tiny, recall):
     (dict(cache_budget_tokens=100, sink_frames=-2), "sink_frames must be"),
     (dict(recall_grids=2), "needs cache_budget_tokens or video_window_seconds"),
     (dict(cache_budget_tokens=100, recall_grids=-1), "recall_grids must be"),
+    (dict(cache_budget_tokens=100, recall_grids=1, recall_probe_layers=0), "recall_probe_layers must be"),
     (dict(cache_budget_tokens=100, recall_grids=1, recall_host_tokens=True), "recall_host_tokens must be"),
 ])
 def test_invalid_budget_settings_are_refused_by_the_config(kw, match):
