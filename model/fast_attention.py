@@ -10,7 +10,9 @@ call decides by what the stream hands it, so streams with different settings sha
   head folded into rows (K/V read once, never copied); for long appends SDPA with a
   bottom-right causal bias. Anything else (a dense mask from a ``fast=False`` stream, or the
   mask transformers builds for an ordinary ``model(...)`` call) goes to transformers' own
-  ``sdpa_attention_forward``: the same function as the stock ``sdpa`` implementation.
+  ``sdpa_attention_forward``: the same function as the stock ``sdpa`` implementation (except
+  maskless fp32 on CUDA with grouped K/V heads, where it would take SDPA's math kernel: there
+  the heads are expanded first, ``sdpa_expanded``).
 - ``stream_flash_varlen`` (vision tower): with ``stream_varlen=True`` in the call's kwargs (fast
   streams), all windows of a layer in ONE batched SDPA call; otherwise transformers' per-window
   loop over ``sdpa_attention_forward``, as its ``sdpa`` path does. transformers 5.x hands
