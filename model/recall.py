@@ -195,8 +195,5 @@ def bring_back(stream, txn, question: str) -> None:
     spans = [stored[i] for i in best]
     slots = kv.allocate(txn, sum(s.n for s in spans))  # (n,) CPU
     kv.recall.load(kv.cache, spans, slots.to(kv.cache.device))
-    at, moved = 0, []
-    for span in spans:
-        moved.append(span.moved(slots[at:at + span.n], recalled=True))
-        at += span.n
-    txn.update(layout=txn.state.layout.recall(moved))
+    parts = slots.split([s.n for s in spans])
+    txn.update(layout=txn.state.layout.recall([s.moved(part, recalled=True) for s, part in zip(spans, parts)]))

@@ -115,7 +115,7 @@ class Stream:
             embeds = inputs if kind == "embeds" else self.model.embed_ids(inputs)
             if probe is not None:  # the attention of the first layers writes the query means into probe.out
                 self.model.run_first_layers(view, embeds, positions, mask, probe.layers)
-                out, logits = probe.out, "probe"
+                out = probe.out
             else:
                 out = self.model.forward_segment(view, embeds, positions, mask, logits=logits)
         txn.wrote(n, slots=slots, grids=grids, seconds_per_grid=txn.state.second_per_grid_t or 0.0,
