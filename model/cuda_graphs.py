@@ -34,7 +34,7 @@ from . import compat
 from .config import StreamConfig
 from .kv_cache import CacheView, StreamKVCache
 from .kv_cache_manager import KVCacheManager
-from .masks import StreamMask, rank_mask, rank_of, scan_end, static_causal_mask
+from .masks import Masks, StreamMask, static_causal_mask
 from .recall import QueryProbe
 
 _CAPTURE_LOCK = threading.Lock()  # one capture at a time in the process (not a setting)
@@ -128,11 +128,12 @@ class GraphRunner(_Recorder):
     """Captured language-model forwards of token segments (questions, decode steps), video chunks and
     recall's probes (a question through the first layers, reading its queries)."""
 
-    def __init__(self, model, kv: KVCacheManager, config: StreamConfig, capture: bool = True, live_kernel=None,
-                 probe=None):
+    def __init__(self, model, kv: KVCacheManager, config: StreamConfig, capture: bool = True,
+                 masks: Optional[Masks] = None, probe=None):
         super().__init__(capture)
         self.model, self.kv, self.config = model, kv, config
-        self.live_kernel = live_kernel  # a (past, n, dtype, start) -> mask builder reading the length on the device
+        # the stream's mask builder (``masks.live``: attention reads the length on the device); default: the torch kernels
+        self.masks = masks or Masks(True, False, config.fold_max_rows, config.rows_max_scores, model.dtype, model.device)
         self.probe = probe  # a (rows, n) -> QueryProbe builder (bounded streams with recall)
         self.graphs: dict[tuple, _Graph] = {}
         self.buffers = None  # the cache buffers the graphs were captured against
@@ -218,14 +219,9 @@ class GraphRunner(_Recorder):
         def step() -> torch.Tensor:
             index = slot_index if bounded else start + rows  # (b,) where this segment's K/V go
             if bounded:  # scattered slots: each slot's rank says which rows see it
-                rank = rank_of(visible, index)
-                mask = (StreamMask(0, None, cfg.fold_max_rows, cfg.rows_max_scores, scan_end(rank), rank=rank,
-                                   on_query=probe)
-                        if self.live_kernel is not None else
-                        StreamMask(0, rank_mask(rank, b, None, model.dtype), cfg.fold_max_rows, cfg.rows_max_scores,
-                                   on_query=probe))
-            elif self.live_kernel is not None:  # attention reads [0, start+b) only: cost follows the live length
-                mask = self.live_kernel(at, b, model.dtype, start)
+                mask = self.masks.bounded(0, visible, index, on_query=probe)
+            elif self.masks.live:  # attention reads [0, start+b) only: cost follows the live length
+                mask = self.masks.causal(at, b, model.dtype, start)
             else:  # the whole capacity, masked per row
                 mask = StreamMask(0, static_causal_mask(index, cols, zero), cfg.fold_max_rows, cfg.rows_max_scores)
             embeds = inputs if kind == "embeds" else model.get_input_embeddings()(inputs)[None]

@@ -8,7 +8,10 @@
 - ``rank_of`` / ``rank_mask`` / ``slot_mask``: a bounded stream's forms, over scattered cache
   slots (``slot_layout.py``): a per-slot rank (kept, k-th new token, nothing), and the dense mask;
 - ``StreamMask``: what the fast attention kernels are handed instead of a tensor (the causal
-  case needs no tensor at all: a bottom-right causal bias).
+  case needs no tensor at all: a bottom-right causal bias);
+- ``Masks``: one stream's builder, choosing among these forms by its settings (dense for a
+  ``fast=False`` stream, a ``StreamMask`` for the torch kernels, the live length on the device
+  for the Triton kernel).
 Additive masks hold 0 where a key is visible and the dtype's minimum where it is not.
 """
 from __future__ import annotations
@@ -113,3 +116,48 @@ def slot_mask(visible: torch.Tensor, slots: torch.Tensor, lengths: Optional[list
     causal in their order, or, with ``lengths``, choice branches (each sees its own earlier tokens).
     """
     return rank_mask(rank_of(visible.to(slots.device), slots), slots.numel(), lengths, dtype)
+
+
+@dataclass(frozen=True)
+class Masks:
+    """The masks of one stream, in the form its kernels take (``fast``: a ``StreamMask``; ``live``:
+    with the length on the device, for the Triton kernel), with its kernel-selection limits."""
+
+    fast: bool
+    live: bool
+    fold_max_rows: int
+    rows_max_scores: int
+    dtype: torch.dtype
+    device: torch.device
+
+    def _stream(self, past: int, dense=None, start=None, branches=None, rank=None, on_query=None) -> StreamMask:
+        return StreamMask(past, dense, self.fold_max_rows, self.rows_max_scores, start, branches, rank, on_query)
+
+    def causal(self, past: int, n: int, dtype, start: Optional[torch.Tensor] = None):
+        """n tokens after ``past`` cached ones. ``start``: ``past`` as a device tensor already (CUDA graphs)."""
+        if not self.fast:
+            return causal_mask(past, n, dtype, self.device)
+        if self.live:
+            start = start if start is not None else torch.tensor(past, dtype=torch.long, device=self.device)
+        return self._stream(past, start=start)
+
+    def tree(self, past: int, lengths: list[int]):
+        """Choice branches of ``lengths`` tokens packed after ``past`` cached ones."""
+        if self.live:
+            start = torch.tensor(past, dtype=torch.long, device=self.device)
+            return self._stream(past, start=start, branches=branch_starts(lengths, self.device))
+        dense = tree_mask(past, lengths, self.dtype, self.device)  # (1, 1, L, past+L)
+        return self._stream(past, dense) if self.fast else dense
+
+    def bounded(self, past: int, visible: torch.Tensor, slots: torch.Tensor, tree: Optional[list[int]] = None,
+                on_query=None):
+        """A bounded stream's new tokens at (n,) device ``slots``: the (capacity,) ``visible`` kept slots,
+        then causal (or ``tree`` branches) among the new ones; (1, 1, n, capacity) in this form."""
+        if self.live:  # the Triton kernel scans the slots in use, each slot's rank says who sees it
+            rank = rank_of(visible, slots)  # (capacity,) int32
+            branches = branch_starts(tree, self.device) if tree is not None else None
+            return self._stream(past, start=scan_end(rank), branches=branches, rank=rank, on_query=on_query)
+        dense = slot_mask(visible, slots, tree, self.dtype)
+        if not self.fast and on_query is None:
+            return dense
+        return self._stream(past, dense, on_query=on_query)

@@ -20,7 +20,7 @@ from .cuda_graphs import GraphRunner, VisionGraphs
 from .fast_attention import backends, live_length_kernel, vision_varlen_supported
 from .frames import pad_to_temporal_patch, patchify, resize_frames, target_size
 from .kv_cache_manager import KVCacheManager, Transaction
-from .masks import StreamMask, branch_starts, causal_mask, rank_of, scan_end, slot_mask, tree_mask
+from .masks import Masks
 from .positions import next_start, text_positions, vision_positions
 from .prompt import VISION_END, VISION_START, encode
 from .recall import QueryProbe, bring_back
@@ -62,10 +62,11 @@ class Stream:
                                  initial_state=StreamState(), grow_min=config.grow_min,
                                  initial_capacity=config.initial_capacity, budget=config.budget())
         self.fast = config.fast and model.stream_kernels
-        self.live_kernel = live_length_kernel(config.attention_kernel, self.fast, model.device)
+        live = live_length_kernel(config.attention_kernel, self.fast, model.device)  # the Triton kernel
+        self.masks = Masks(self.fast, live, config.fold_max_rows, config.rows_max_scores, model.dtype, model.device)
         graphs = self.fast and model.device.type == "cuda"
-        self.runner = (GraphRunner(model, self.kv, config, live_kernel=self.causal if self.live_kernel else None,
-                                   probe=self.query_probe) if graphs and config.cuda_graphs else None)
+        self.runner = (GraphRunner(model, self.kv, config, masks=self.masks, probe=self.query_probe)
+                       if graphs and config.cuda_graphs else None)
         varlen_graphs = graphs and config.vision_graphs and self.varlen
         self.vision_graphs = VisionGraphs(model) if varlen_graphs else None
 
@@ -110,7 +111,7 @@ class Stream:
                 out = self.runner.run(kind, txn.length, inputs, positions)  # None: no graph could be captured
             if out is None:
                 view = self.kv.view(txn, n)
-                mask = self.causal(txn.length, n, self.model.dtype) if tree is None else self.tree(txn.length, tree)
+                mask = self.masks.causal(txn.length, n, self.model.dtype) if tree is None else self.masks.tree(txn.length, tree)
         if out is None:
             embeds = inputs if kind == "embeds" else self.model.embed_ids(inputs)
             if probe is not None:  # the attention of the first layers writes the query means into probe.out
@@ -128,41 +129,10 @@ class Stream:
         weights = QueryProbe.uniform(rows, n, self.model.device)
         return QueryProbe(min(self.config.recall_probe_layers, layers), kv_heads, head_dim, weights)
 
-    def causal(self, past: int, n: int, dtype, start: Optional[torch.Tensor] = None):
-        """The mask of n tokens after ``past`` cached ones, in the form this stream's kernels take.
-
-        ``start``: ``past`` as a device tensor already (CUDA graphs); else one is made when needed.
-        """
-        cfg = self.config
-        if not self.fast:
-            return causal_mask(past, n, dtype, self.model.device)
-        if self.live_kernel:
-            start = start if start is not None else torch.tensor(past, dtype=torch.long, device=self.model.device)
-        return StreamMask(past, None, cfg.fold_max_rows, cfg.rows_max_scores, start)
-
-    def tree(self, past: int, lengths: list[int]):
-        """The mask of choice branches of ``lengths`` tokens packed after ``past`` cached ones."""
-        cfg, device = self.config, self.model.device
-        if self.live_kernel:
-            start = torch.tensor(past, dtype=torch.long, device=device)
-            return StreamMask(past, None, cfg.fold_max_rows, cfg.rows_max_scores, start, branch_starts(lengths, device))
-        dense = tree_mask(past, lengths, self.model.dtype, device)  # (1, 1, L, past+L)
-        return StreamMask(past, dense, cfg.fold_max_rows, cfg.rows_max_scores) if self.fast else dense
-
     def bounded_mask(self, txn: Transaction, slots: torch.Tensor, tree: Optional[list[int]] = None, on_query=None):
-        """A bounded stream's mask for new tokens at (n,) device ``slots``: the working head's kept slots, then
-        causal (or ``tree`` branches) among the new ones; (1, 1, n, capacity), in this stream's form."""
-        cap, cfg = self.kv.cache.capacity, self.config
-        visible = txn.state.layout.visible(cap, self.model.device)
-        if self.live_kernel:  # the Triton kernel scans the slots in use, each slot's rank says who sees it
-            rank = rank_of(visible, slots)  # (capacity,) int32
-            branches = branch_starts(tree, self.model.device) if tree is not None else None
-            return StreamMask(txn.length, None, cfg.fold_max_rows, cfg.rows_max_scores, scan_end(rank), branches,
-                              rank=rank, on_query=on_query)
-        dense = slot_mask(visible, slots, tree, self.model.dtype)
-        if not self.fast and on_query is None:
-            return dense
-        return StreamMask(txn.length, dense, cfg.fold_max_rows, cfg.rows_max_scores, on_query=on_query)
+        """``Masks.bounded`` for new tokens of ``txn`` at (n,) device ``slots``: its working head's kept slots."""
+        visible = txn.state.layout.visible(self.kv.cache.capacity, self.model.device)
+        return self.masks.bounded(txn.length, visible, slots, tree, on_query)
 
     def feed_ids(self, txn: Transaction, ids: list[int], logits: str = "none", positions: Optional[torch.Tensor] = None,
                  tree: Optional[list[int]] = None, probe: bool = False) -> Optional[torch.Tensor]:
@@ -323,7 +293,7 @@ class Stream:
             "chunks": st.chunks, "turns": st.turns, "next_position": st.next_position,
             "rope_deltas": st.rope_deltas, "frame_size": st.frame_size, "fps": st.fps,
             "device": str(self.model.device), "dtype": str(self.model.dtype).replace("torch.", ""),
-            **backends(self.model.config, self.fast, self.live_kernel), "fast": self.config.fast,
+            **backends(self.model.config, self.fast, self.masks.live), "fast": self.config.fast,
             "cache": "slots+budget" if self.kv.bounded else "preallocated+length-counter",
             "cache_allocations": self.kv.cache.allocations,
             "cuda_graphs": self.runner.status() if self.runner is not None else "off",

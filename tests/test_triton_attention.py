@@ -57,7 +57,7 @@ for graphs in (False, True):
     e = VideoStreamInference(model, proc, config=StreamConfig(attention_kernel="triton"))
     assert e.stats()["text_attention"] == "stream_triton"
     if graphs:  # the CUDA-graph path's static shapes, replayed eagerly
-        e._stream.runner = GraphRunner(model, e.kv, e.config, capture=False, live_kernel=e._stream.causal)
+        e._stream.runner = GraphRunner(model, e.kv, e.config, capture=False, masks=e._stream.masks)
     e.stop_ids = set()
     e.append_frames(frames[:3], fps=4)
     e.append_frames(frames[3:], fps=4)
@@ -96,7 +96,7 @@ for kernel, graphs in (("torch", False), ("triton", False), ("triton", True)):
     e = VideoStreamInference(model, proc, config=StreamConfig(attention_kernel=kernel, cache_budget_tokens=90,
                                                               recall_grids=1))
     if graphs:
-        e._stream.runner = GraphRunner(model, e.kv, e.config, capture=False, live_kernel=e._stream.causal)
+        e._stream.runner = GraphRunner(model, e.kv, e.config, capture=False, masks=e._stream.masks)
     for i in range(0, 9, 3):
         e.append_frames(frames[i:i + 3], fps=4)
     assert e.stats()["evicted_grids"] > 0
