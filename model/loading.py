@@ -16,6 +16,26 @@ import torch
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def load_checkpoint(path, device: Optional[str] = None, dtype=None, attn_implementation: str = "sdpa"):
+    """(StreamQwenModel, processor) from a local Qwen2.5-VL checkpoint folder (weights, config, processor files).
+
+    Defaults: CUDA if available (bf16) else CPU (fp32). A path that is not a folder is an error naming it.
+    """
+    from transformers import AutoProcessor
+
+    from . import compat
+    from .stream_qwen_model import StreamQwenModel
+
+    if not isinstance(path, (str, os.PathLike)) or not os.path.isdir(path):
+        raise ValueError(f"Model not found: {path!r} is not a folder; set QWEN_MODEL_PATH to a local "
+                         "Qwen2.5-VL checkpoint folder")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = dtype or (torch.bfloat16 if str(device).startswith("cuda") else torch.float32)
+    model = StreamQwenModel.from_pretrained(path, attn_implementation=attn_implementation,
+                                            **compat.dtype_kwarg(dtype)).to(device)
+    return model, AutoProcessor.from_pretrained(path)
+
+
 def load_engine(model_path: Optional[str] = None, dtype: Optional[str] = None, device: Optional[str] = None,
                 attn_implementation: str = "sdpa", out: Optional[TextIO] = None, config=None):
     """(engine, description). ``dtype``: a name in ``DTYPES`` (default bf16 on a GPU, fp32 on CPU).

@@ -17,7 +17,6 @@ import gc
 import os
 import time
 import warnings
-from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
 import torch
@@ -26,31 +25,17 @@ from . import compat
 from .arguments import check_bool, check_choices, check_fps, check_max_new_tokens, check_question
 from .config import StreamConfig, resolve_config
 from .answer_stream import AnswerStream, finish_answer, start_answer, streamer_feed
+from .chunk_info import ChunkInfo
 from .decoding import Answer, ChoiceResult, make_sampler
 from .recall import recalled
 from .slot_layout import check_budget
 from .frames import to_frame_list
+from .loading import load_checkpoint
 from .prompt import encode, encode_user_text, extract_vision_segment, prompt_pieces, token_ids
 from .scoring import TREE_ATTENTION, score_choices
 from .stream import Stream, StreamState
 from .stream_qwen_model import StreamQwenModel
 from .transaction import Transactional
-
-
-@dataclass
-class ChunkInfo:
-    """What one ``append_frames``/``append_image`` call encoded."""
-
-    chunk: int  # index of this call in the stream
-    frames: int  # frames passed in
-    frames_encoded: int  # frames that went into the cache (a held odd frame waits for its pair)
-    pending: bool  # an odd frame is held
-    tokens_added: int  # tokens this call appended to the transcript
-    cache_len: int  # tokens in the cache after it (a bounded stream: the kept ones, after eviction)
-    encode_s: float
-
-    def __str__(self) -> str:
-        return f"Chunk {self.chunk} encoded ({self.frames} frame(s), cache_len={self.cache_len})"
 
 
 class VideoStreamInference(Transactional):
@@ -99,17 +84,7 @@ class VideoStreamInference(Transactional):
 
         Defaults: CUDA if available (bf16) else CPU (fp32); sdpa attention; the fast path on.
         """
-        from transformers import AutoProcessor
-
-        if not isinstance(path, (str, os.PathLike)) or not os.path.isdir(path):
-            raise ValueError(f"Model not found: {path!r} is not a folder; set QWEN_MODEL_PATH to a local "
-                             "Qwen2.5-VL checkpoint folder")
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        dtype = dtype or (torch.bfloat16 if str(device).startswith("cuda") else torch.float32)
-        model = StreamQwenModel.from_pretrained(
-            path, attn_implementation=attn_implementation, **compat.dtype_kwarg(dtype)
-        ).to(device)
-        return cls(model, AutoProcessor.from_pretrained(path), fast=fast, config=config)
+        return cls(*load_checkpoint(path, device, dtype, attn_implementation), fast=fast, config=config)
 
     # ------------------------------------------------------------------ public API
     def append_frames(self, frames: Any, fps: Optional[float] = None) -> ChunkInfo:
