@@ -5,7 +5,7 @@ an RGB uint8 HxWx3 numpy array, decoded as it goes (memory does not grow with th
 length). Its counters and problems can be read while iterating. This file holds the entry point;
 ``model/video_source.py`` the source base, the timestamp sampler, pacing and iterables; the
 OpenCV backends (file decoding with loss detection, the live capture thread with its bounded
-buffer) are in ``model/sources_opencv.py``.
+buffer) are in ``model/sources_opencv.py`` and ``model/sources_live.py``.
 """
 from __future__ import annotations
 
@@ -57,7 +57,7 @@ def open_video(source, fps: Optional[float] = 2.0, realtime: bool = False, max_s
     if isinstance(source, bool) or isinstance(source, bytes):
         raise TypeError(f"source must be a path, camera index, URL or iterable of frames, got {type(source).__name__}")
     if isinstance(source, numbers.Integral) or (isinstance(source, str) and source.lower().startswith(URL_SCHEMES)):
-        from .sources_opencv import LiveSource
+        from .sources_live import LiveSource
 
         return LiveSource(source if isinstance(source, str) else int(source), buffer_frames=buffer_frames, reconnect=reconnect,
                           reconnect_delay_s=reconnect_delay_s, timeout_s=timeout_s, **common)

@@ -2,7 +2,7 @@
 
 A ``VideoSource`` is an iterator of ``(timestamp_s, frame)`` (RGB uint8 HxWx3) whose counters
 and problems can be read while iterating; ``open_video`` (``sources.py``) makes one, the OpenCV
-backends (``sources_opencv.py``) and ``IterableSource`` here are its kinds.
+backends (``sources_opencv.py``, ``sources_live.py``) and ``IterableSource`` here are its kinds.
 """
 from __future__ import annotations
 

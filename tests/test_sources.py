@@ -347,7 +347,7 @@ def test_unopenable_live_sources_raise_connection_error():
 
 
 def test_url_password_is_not_repeated_in_messages():
-    from model.sources_opencv import _without_password
+    from model.sources_live import _without_password
 
     assert _without_password("rtsp://admin:secret@10.0.0.2:554/live") == "rtsp://admin:***@10.0.0.2:554/live"
     assert _without_password("http://host/x.mjpg") == "http://host/x.mjpg"
