@@ -6,8 +6,7 @@
   own call's earlier tokens (``offline.bounded_visibility``), to 1e-4 in fp32;
 - the policy: kept tokens within the budget after every call, the sink and all text kept,
   evicted video is always the oldest whole grids;
-- isolation and atomicity with eviction on: asks leave the stream bit-identical, a failing or
-  interrupted append after an eviction leaves it exactly as before, snapshots survive evictions;
+- isolation and atomicity with eviction on: ``test_bounded_transactions.py``;
 - impossible settings are errors at construction.
 """
 from __future__ import annotations
@@ -16,7 +15,6 @@ import random
 
 import numpy as np
 import pytest
-import torch
 
 from model import StreamConfig, VideoStreamInference
 from model.cuda_graphs import GraphRunner
@@ -182,81 +180,6 @@ def bounded(tiny, **kw) -> VideoStreamInference:
 
 
 @pytest.mark.parametrize("recall", [0, 2])
-def test_asks_and_choices_leave_a_bounded_stream_bit_identical_and_equal_one_never_asked(tiny, recall):
-    asked, quiet = bounded(tiny, recall_grids=recall), bounded(tiny, recall_grids=recall)
-    for i in range(0, 24, 3):
-        for e in (asked, quiet):
-            e.append_frames(FRAMES[i:i + 3], fps=2)
-        before = signature(asked)
-        a = asked.ask("What?", max_new_tokens=3)
-        c = asked.ask_choice("Which?", ["a b", "c", "dd e f"])
-        assert_same_signature(before, signature(asked))
-        stored = asked.stream_state.layout.stored
-        assert len(a.recalled) == len(c.recalled) == min(recall, len(stored))
-        assert all(r.end_s > r.start_s and r.tokens == 6 for r in a.recalled)
-    assert asked.stream_state.layout.evicted_grids > 0
-    assert_same_signature(signature(quiet), signature(asked))
-
-
-def test_a_failing_append_after_an_eviction_leaves_the_stream_exactly_as_before(tiny, monkeypatch):
-    engine = bounded(tiny)
-    for i in range(0, 21, 3):
-        engine.append_frames(FRAMES[i:i + 3], fps=2)
-    assert engine.stream_state.layout.evicted_grids > 0  # the last commits evicted
-    before = signature(engine)
-    for layer in engine.model.model.language_model.layers:  # out of memory at each layer of an evicting append
-
-        def boom(*args, **kwargs):
-            raise RuntimeError("CUDA out of memory (injected)")
-
-        monkeypatch.setattr(layer, "forward", boom)
-        with pytest.raises(RuntimeError, match="injected"):
-            engine.append_frames(FRAMES[21:30], fps=2)
-        monkeypatch.undo()
-        assert_same_signature(before, signature(engine))
-    twin = bounded(tiny)
-    for i in range(0, 21, 3):
-        twin.append_frames(FRAMES[i:i + 3], fps=2)
-    for e in (engine, twin):
-        e.append_frames(FRAMES[21:30], fps=2)
-    assert_same_signature(signature(twin), signature(engine))
-
-
-def test_a_budget_the_stream_cannot_meet_is_refused_and_the_stream_kept(tiny):
-    engine = bounded(tiny, cache_budget_tokens=70)
-    engine.append_frames(FRAMES[:4], fps=2)
-    before = signature(engine)
-    with pytest.raises(ValueError, match="cache_budget_tokens=70"):
-        engine.append_frames(FRAMES[4:30], fps=2)  # 13 grids in one call: more tokens than the budget
-    assert_same_signature(before, signature(engine))
-    assert_same_signature(before, signature(engine))
-    engine.append_frames(FRAMES[4:6], fps=2)  # smaller calls go on
-    for i in range(3):  # committed turns are never evicted: once text fills the budget, a turn is refused
-        before = signature(engine)
-        try:
-            engine.ask("Tell me more about it?", update_state=True, max_new_tokens=2)
-        except ValueError as e:
-            assert "after evicting all the video it may evict" in str(e)
-            assert_same_signature(before, signature(engine))
-            break
-    else:
-        raise AssertionError("three turns fitted a 70-token budget: the test does not reach the refusal")
-
-
-def test_snapshots_survive_evictions(tiny):
-    engine = bounded(tiny)
-    for i in range(0, 18, 3):
-        engine.append_frames(FRAMES[i:i + 3], fps=2)
-    before = signature(engine)
-    engine.kv.snapshot()
-    for i in range(18, 36, 3):  # evicts the grids the snapshot still holds; their slots must not be reused
-        engine.append_frames(FRAMES[i:i + 3], fps=2)
-    assert engine.stream_state.layout.evicted_grids > before["state"]["layout"].evicted_grids
-    engine.kv.restore()
-    assert_same_signature(before, signature(engine))
-
-
-@pytest.mark.parametrize("recall", [0, 2])
 def test_memory_stays_bounded_over_a_long_stream(tiny, recall):
     engine = bounded(tiny, cache_budget_tokens=120, recall_grids=recall, recall_host_tokens=60)
     host = []
@@ -312,67 +235,3 @@ def test_warmup_allocates_the_recall_slab_so_no_eviction_allocates(tiny):
     engine.ask("What?", max_new_tokens=1)
     assert engine.stats()["evicted_grids"] > 0 and engine.stream_state.layout.stored_tokens > 0
     assert engine.kv.recall.allocations == 1 and engine.stats()["recall_host_bytes"] == slab
-
-
-def test_rollback_is_refused_on_a_bounded_stream(tiny):
-    engine = bounded(tiny)
-    engine.append_frames(FRAMES[:4], fps=2)
-    with pytest.raises(ValueError, match="snapshot"):
-        engine.kv.rollback(3)
-
-
-@pytest.mark.parametrize("recall", [0, 2])
-def test_interrupts_at_random_lines_of_evicting_calls_commit_nothing(tiny, recall):
-    from tests.test_transactions import traced
-
-    engine = bounded(tiny, recall_grids=recall)
-    for i in range(0, 21, 3):
-        engine.append_frames(FRAMES[i:i + 3], fps=2)
-    ops = {"append_frames": lambda r: engine.append_frames(FRAMES[21 + r.randrange(8):][:r.choice([1, 3, 5])], fps=2),
-           "ask_update_state": lambda r: engine.ask("Why?", update_state=True, max_new_tokens=2),
-           "ask_choice": lambda r: engine.ask_choice("Which?", ["a", "bb c"])}
-    rng, injected = random.Random(3), 0
-    for name, op in ops.items():
-        engine.kv.snapshot()
-        _, total = traced(lambda: op(random.Random(0)), 0)
-        engine.kv.restore()
-        for trial in range(60):
-            engine.kv.snapshot()
-            before = signature(engine)
-            interrupted, _ = traced(lambda: op(random.Random(trial)), rng.randint(1, total))
-            if interrupted:
-                injected += 1
-                assert_same_signature(before, signature(engine))
-            engine.kv.restore()
-    assert injected >= 150, injected
-    twin = bounded(tiny, recall_grids=recall)
-    for i in range(0, 21, 3):
-        twin.append_frames(FRAMES[i:i + 3], fps=2)
-    for e in (engine, twin):  # what the trials left is exactly the stream before them
-        e.append_frames(FRAMES[21:26], fps=2)
-    assert engine.stream_state.layout.evicted_grids > 0
-    assert_same_signature(signature(twin), signature(engine))
-
-
-def test_token_streaming_reset_and_clone_on_a_bounded_stream_with_recall(tiny):
-    engine, fresh = bounded(tiny, recall_grids=2), bounded(tiny, recall_grids=2)
-    for e in (engine, fresh):
-        for i in range(0, 24, 3):
-            e.append_frames(FRAMES[i:i + 3], fps=2)
-    assert engine.stream_state.layout.stored
-    before = signature(engine)
-    full = engine.ask("What?", max_new_tokens=4)
-    pieces = engine.ask_stream("What?", max_new_tokens=4)
-    assert "".join(pieces) == full.text and pieces.answer.token_ids == full.token_ids
-    assert pieces.answer.recalled == full.recalled
-    for _ in engine.ask_stream("What?", max_new_tokens=4):
-        break  # an early break rolls the answer (and its recalled grids) back
-    assert_same_signature(before, signature(engine))
-    twin = engine.kv.clone()  # an independent copy: the same kept K/V and stored grids
-    assert twin.state == engine.stream_state and twin.recall.nbytes() == engine.kv.recall.nbytes()
-    assert all(torch.equal(a, b) for i in range(twin.cache.num_layers) for a, b in zip(twin.layer(i), engine.kv.layer(i)))
-    engine.reset()
-    assert engine.stream_state.layout.kept == 0 and engine.stats()["recall_host_bytes"] == 0
-    for i in range(0, 24, 3):
-        engine.append_frames(FRAMES[i:i + 3], fps=2)
-    assert_same_signature(signature(fresh), signature(engine))  # a reset stream is a new stream
