@@ -1,4 +1,4 @@
-"""The streaming-benchmark runner (model.eval) on a miniature benchmark generated here.
+"""The streaming-benchmark runner (model.eval) on a miniature benchmark (``tests/minibench.py``).
 
 Three synthetic videos with known events (shapes appearing at known times), annotations in
 both formats (forward probes with several realtime entries, several questions at one
@@ -19,85 +19,13 @@ import torch
 from model import VideoStreamInference
 from model.eval import EvalConfig, read_annotations, run_benchmark, write_report
 from model.eval.__main__ import main as cli_main
-from model.eval.events import parse_timestamp
-from model.eval.prompts import match_option
 from model.eval.scoring import parity_check
-
-H, W, VIDEO_FPS = 84, 112, 4
-# video -> (seconds, [(appears_at_s, shape, BGR colour)])
-VIDEOS = {
-    "ovo/v0.mp4": (4.0, [(1.0, "square", (0, 0, 255)), (2.5, "circle", (255, 0, 0))]),
-    "ovo/v1.mp4": (3.0, [(0.5, "circle", (0, 200, 0)), (2.0, "square", (0, 220, 220))]),
-    "videos/sb0.mp4": (3.0, [(1.0, "square", (0, 0, 255)), (2.0, "circle", (255, 0, 0))]),
-}
-COLOURS = ["red", "blue", "green", "yellow"]
-
-OVO_ANNOTATIONS = [
-    {"id": 0, "task": "EPM", "video": "ovo/v0.mp4", "realtime": 2.0, "question": "Which colour appeared first?",
-     "options": COLOURS, "gt": 0},
-    {"id": 1, "task": "STU", "video": "ovo/v0.mp4", "realtime": 2.0, "question": "Where is the square?",
-     "options": ["left", "right", "top"], "gt": 0},  # same timestamp as id 0
-    {"id": 2, "task": "OCR", "video": "ovo/v1.mp4", "realtime": 1.5, "question": "What colour is the circle?",
-     "options": COLOURS, "gt": 2},
-    {"id": 3, "task": "REC", "video": "ovo/v0.mp4", "activity": "show a new shape",
-     "test_info": [{"realtime": 1.0, "count": 1}, {"realtime": 2.5, "count": 2}, {"realtime": 3.5, "count": 2}]},
-    {"id": 4, "task": "SSR", "video": "ovo/v1.mp4",
-     "test_info": [{"realtime": 0.5, "step": "draw a yellow square", "type": 0},
-                   {"realtime": 2.0, "step": "draw a yellow square", "type": 1}]},
-    {"id": 5, "task": "CRR", "video": "ovo/v0.mp4", "question": "What colour is the circle?",
-     "test_info": [{"realtime": 1.0, "type": 0}, {"realtime": 3.0, "type": 1}]},
-    {"id": 8, "task": "CRR", "video": "ovo/v1.mp4", "question": "Which shape came second?",  # one question, 2 probes
-     "options": ["circle", "square"], "gt": 1, "test_info": [{"realtime": 1.0}, {"realtime": 2.5}]},
-    {"id": 6, "task": "EPM", "video": "ovo/v1.mp4", "realtime": 1.0, "question": "Which shape?",
-     "options": ["circle", "square"], "gt": 5},  # malformed: gt out of range
-    {"id": 7, "task": "ATR", "video": "ovo/missing.mp4", "realtime": 1.0, "question": "What colour?",
-     "options": COLOURS, "gt": 1},  # its video does not exist
-]
-OVO_EVENTS = 13  # 3 single questions + 3 REC + 2 SSR + 2 + 2 CRR probes + the missing video's question
-
-SB_ANNOTATIONS = [
-    {"video_path": "./videos/sb0.mp4", "questions": [
-        {"task_type": "Object Recognition", "question": "What shape is on screen right now?", "time_stamp": "00:00:02",
-         "options": ["A. A square.", "B. A circle.", "C. A triangle.", "D. Nothing."], "answer": "B"},
-        {"task_type": "Counting", "question": "How many shapes are visible?", "time_stamp": "00:00:02",
-         "options": ["A. 0", "B. 1", "C. 2", "D. 3"], "answer": "C"},
-        {"task_type": "Counting", "question": "How many shapes?", "time_stamp": "00:00:01",
-         "options": ["A. 0", "B. 1"], "answer": "Q"},  # malformed: answer is no option letter
-    ]},
-    {"video_path": "./videos/sb0.mp4", "questions": [
-        {"task_type": "Emotion Recognition", "question": "How does the scene feel?", "time_stamp": "00:01",
-         "options": ["A. Calm", "B. Tense"], "answer": "A"},
-        {"task_type": "Misleading Context Understanding", "question": "Was there a triangle?", "time_stamp": "00:00:03",
-         "options": ["A. Yes", "B. No"], "answer": "B"}]},
-    "not an entry",  # malformed: not an object
-]
-
-
-def _write_video(path: Path, seconds: float, shapes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), VIDEO_FPS, (W, H))
-    assert writer.isOpened(), f"OpenCV cannot write {path}"
-    for i in range(int(seconds * VIDEO_FPS)):
-        img = np.full((H, W, 3), 40, np.uint8)
-        for k, (at, shape, colour) in enumerate(shapes):
-            if i / VIDEO_FPS >= at:
-                x, y = 25 + 50 * k, 42
-                if shape == "square":
-                    cv2.rectangle(img, (x - 12, y - 12), (x + 12, y + 12), colour, -1)
-                else:
-                    cv2.circle(img, (x, y), 12, colour, -1)
-        writer.write(img)
-    writer.release()
+from tests.minibench import OVO_EVENTS, write_minibench
 
 
 @pytest.fixture(scope="module")
 def bench(tmp_path_factory):
-    root = tmp_path_factory.mktemp("minibench")
-    for rel, (seconds, shapes) in VIDEOS.items():
-        _write_video(root / "videos_root" / rel, seconds, shapes)
-    (root / "ovo.json").write_text(json.dumps(OVO_ANNOTATIONS))
-    (root / "sb.json").write_text(json.dumps(SB_ANNOTATIONS))
-    return root
+    return write_minibench(tmp_path_factory.mktemp("minibench"))
 
 
 @pytest.fixture
@@ -130,64 +58,6 @@ def _lines(out: Path) -> list[dict]:
 def _config(**kw) -> EvalConfig:
     return EvalConfig(**{"fps": 2.0, "modes": ("stream", "window"), "window_frames": 3, "chunk_frames": 3,
                          "progress": False, **kw})
-
-
-# ------------------------------------------------------------------ readers
-
-def test_readers_normalise_both_formats_and_report_malformed_entries(bench):
-    ovo = read_annotations("ovo", bench / "ovo.json")
-    assert len(ovo.events) == OVO_EVENTS and ovo.entries == len(OVO_ANNOTATIONS)
-    assert [(p.index, "gt" in p.reason) for p in ovo.problems] == [(7, True)]
-    ev = {e.event_id: e for e in ovo.events}
-    rec = [ev[f"3#{k}"] for k in range(3)]
-    assert [e.t_seconds for e in rec] == [1.0, 2.5, 3.5] and [e.answer for e in rec] == ["1", "2", "2"]
-    assert rec[0].options == tuple(str(c) for c in range(11)) and rec[0].category == "forward"
-    assert [ev["4#0"].answer, ev["4#1"].answer] == ["No", "Yes"] and "yellow square" in ev["4#0"].question
-    assert ev["5#1"].options == ("Yes", "No") and ev["5#1"].answer == "Yes" and ev["5#1"].probe == 1
-    assert (ev["0"].category, ev["1"].category, ev["2"].category) == ("backward", "real-time", "real-time")
-    assert [(ev[f"8#{k}"].t_seconds, ev[f"8#{k}"].answer) for k in (0, 1)] == [(1.0, "square"), (2.5, "square")]
-    assert ev["8#0"].options == ("circle", "square") and ev["8#1"].entry_index == 6
-    assert ev["0"].answer == "red" and ev["0"].t_seconds == 2.0 and ev["0"].entry_index == 0
-
-    sb = read_annotations("streamingbench", bench / "sb.json")
-    assert [e.event_id for e in sb.events] == ["0.0", "0.1", "1.0", "1.1"]
-    reasons = sorted((p.index, p.reason.split(":")[0]) for p in sb.problems)
-    assert reasons == [(0, "question 2"), (2, "expected an object, got str")]
-    first = sb.events[0]
-    assert first.options == ("A square.", "A circle.", "A triangle.", "Nothing.") and first.answer_index == 1
-    assert first.t_seconds == 2.0 and sb.events[2].t_seconds == 1.0 and first.video == "./videos/sb0.mp4"
-    assert [e.category for e in sb.events] == ["real-time", "real-time", "omni-source", "contextual"]
-    assert len(read_annotations("ovo", bench / "ovo.json", limit=4).events) == 4
-
-
-def test_reader_and_config_errors_are_actionable(bench, tmp_path):
-    with pytest.raises(ValueError, match="annotation file not found"):
-        read_annotations("ovo", tmp_path / "nope.json")
-    (tmp_path / "obj.json").write_text("{}")
-    with pytest.raises(ValueError, match="expected a JSON list"):
-        read_annotations("streamingbench", tmp_path / "obj.json")
-    with pytest.raises(ValueError, match="unknown benchmark"):
-        read_annotations("mvbench", bench / "ovo.json")
-    assert parse_timestamp("01:02:03.5") == 3723.5 and parse_timestamp("00:07") == 7.0
-    for bad in ("1:75:00", "a:b", "", "1:2:3:4"):
-        with pytest.raises(ValueError, match="time_stamp"):
-            parse_timestamp(bad)
-    with pytest.raises(ValueError, match="bounded mode needs a memory budget"):
-        EvalConfig(modes="stream,bounded")
-    with pytest.raises(ValueError, match="cache_budget_tokens must be"):
-        EvalConfig(modes="bounded", budget={"cache_budget_tokens": -5})
-    with pytest.raises(ValueError, match="unknown mode"):
-        EvalConfig(modes="stream,cloud")
-    with pytest.raises(ValueError, match="window_frames"):
-        EvalConfig(window_frames=0)
-
-
-def test_generated_answers_are_matched_to_options():
-    opts = ["red", "dark red", "blue"]
-    assert match_option("B", opts) == 1 and match_option("(C) blue", opts) == 2 and match_option("Answer: A", opts) == 0
-    assert match_option("It is dark red.", opts) == 1 and match_option("no idea", opts) is None
-    assert match_option("Yes.", ["Yes", "No"]) == 0 and match_option("3 times", [str(i) for i in range(11)]) == 3
-    assert match_option("E", opts) is None
 
 
 # ------------------------------------------------------------------ the runner
