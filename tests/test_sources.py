@@ -1,16 +1,12 @@
-"""open_video: files sampled by timestamp, damaged media reported, realtime pacing, live sources.
+"""open_video: files sampled by timestamp, damaged media reported, realtime pacing, iterables.
 
 Every frame carries its source index as 10 black/white stripes (robust to mp4v/JPEG), so a test
-can tell which source frame was delivered. The live source is an MJPEG stream served by an
-http.server thread on 127.0.0.1 and read through OpenCV's FFMPEG backend; each handler sends a
-bounded number of frames and stops when the client goes away.
+can tell which source frame was delivered. Live sources (a loopback MJPEG stream):
+``test_sources_live.py``.
 """
 from __future__ import annotations
 
-import http.server
 import re
-import threading
-import time
 import warnings
 
 import cv2
@@ -233,124 +229,6 @@ def test_realtime_paces_a_file_and_drops_when_the_consumer_falls_behind(tmp_path
         assert (round(t, 3), code_of(frame)) == (1.3, 13) and clock.sleeps[-1] == pytest.approx(0.05)
     with open_video(path, fps=None, clock=clock.time, sleep=clock.sleep) as video:
         assert len(list(video)) == 30 and len(clock.sleeps) == 10  # not realtime: never sleeps
-
-
-# ---------------------------------------------------------------- live source (loopback MJPEG)
-
-class MJPEGServer:
-    """multipart/x-mixed-replace JPEG frames of ``coded_frame(512 * connection + i)`` at ``rate`` fps.
-
-    Serves ``per_connection`` frames per connection to at most ``connections`` clients (503 after).
-    """
-
-    def __init__(self, rate: float, per_connection: int, connections: int = 1):
-        self.sent, self.served = 0, 0
-        server = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def do_GET(self):
-                conn, server.served = server.served, server.served + 1
-                if conn >= connections:
-                    self.send_error(503)
-                    return
-                self.send_response(200)
-                self.send_header("Content-Type", "multipart/x-mixed-replace; boundary=frame")
-                self.end_headers()
-                try:
-                    for i in range(per_connection):
-                        jpg = cv2.imencode(".jpg", coded_frame(512 * conn + i))[1].tobytes()
-                        self.wfile.write(b"--frame\r\nContent-Type: image/jpeg\r\nContent-Length: %d\r\n\r\n" % len(jpg)
-                                         + jpg + b"\r\n")
-                        self.wfile.flush()
-                        server.sent = 512 * conn + i + 1
-                        time.sleep(1.0 / rate)
-                except (BrokenPipeError, ConnectionResetError):
-                    return
-
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/stream.mjpg"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
-def test_live_stream_slow_consumer_gets_the_newest_frame_and_drops_are_counted():
-    with MJPEGServer(rate=50, per_connection=250) as server:
-        with open_video(server.url, fps=None, timeout_s=5) as video:
-            next(video)
-            for _ in range(3):
-                time.sleep(0.4)  # a slow consumer: ~20 frames arrive meanwhile
-                sent = server.sent
-                t, frame = next(video)
-                assert sent - 6 <= code_of(frame) <= server.sent, (code_of(frame), sent)  # the newest, not the oldest
-            assert video.frames_dropped >= 30 and video.frames_delivered == 4
-            unaccounted = video.frames_read - video.frames_delivered - video.frames_dropped - len(video._buffer)
-            assert unaccounted in (0, 1)  # 1: a frame read by the thread but not yet in the buffer
-            assert video.timestamp_source == "wall_clock" and 20 < video.source_fps < 70
-            assert 1.0 < t < 2.5
-        assert not video._thread.is_alive()
-
-
-def test_live_stream_sampled_and_limited_by_max_seconds():
-    with MJPEGServer(rate=50, per_connection=250) as server:
-        with open_video(server.url, fps=10, max_seconds=0.6, timeout_s=5) as video:
-            got = [(t, code_of(f)) for t, f in video]  # ends by itself, no error
-    ts, codes = [t for t, _ in got], [c for _, c in got]
-    assert len(got) == 6 and ts[-1] < 0.6  # instants 0, 0.1, ..., 0.5
-    assert all(abs(t - k / 10) < 0.04 for k, t in enumerate(ts)), ts  # the frame that arrived nearest k/10 s
-    assert all(b > a for a, b in zip(codes, codes[1:]))
-
-
-def test_live_disconnect_raises_connection_error_naming_the_source():
-    with MJPEGServer(rate=200, per_connection=30) as server:
-        got = []
-        with pytest.raises(ConnectionError, match=re.escape(server.url) + ".*pass reconnect=N"):
-            with pytest.warns(VideoSourceWarning, match="disconnected"):
-                with open_video(server.url, fps=None, buffer_frames=64, timeout_s=5) as video:
-                    for _, frame in video:
-                        got.append(code_of(frame))
-    assert got == list(range(30))  # every frame yielded before the error stays with the caller
-
-
-def test_live_reconnect_then_give_up():
-    with MJPEGServer(rate=200, per_connection=20, connections=2) as server:
-        got = []
-        with pytest.raises(ConnectionError, match="2 reconnect attempts failed"):
-            with pytest.warns(VideoSourceWarning, match="disconnected") as rec:
-                with open_video(server.url, fps=None, buffer_frames=64, reconnect=2, reconnect_delay_s=0.05,
-                                timeout_s=5) as video:
-                    for _, frame in video:
-                        got.append(code_of(frame))
-    assert video.reconnects == 1 and server.served == 4  # 2 connections served, 2 refused attempts
-    assert got == list(range(20)) + list(range(512, 532))
-    assert [str(w.message).split(": ", 1)[1] for w in rec] == [p for p in video.problems if "disconnected" in p]
-    assert len(rec) == 2 and "after 20 frames" in str(rec[0].message) and "after 40 frames" in str(rec[1].message)
-    assert any("reconnected (attempt 1 of 2)" in p for p in video.problems)
-
-
-def test_unopenable_live_sources_raise_connection_error():
-    with MJPEGServer(rate=50, per_connection=1, connections=0) as server:
-        with pytest.raises(ConnectionError, match="Cannot open video stream " + re.escape(server.url)):
-            open_video(server.url, timeout_s=2)
-    with pytest.raises(ConnectionError, match="camera 97"):
-        open_video(97)
-
-
-def test_url_password_is_not_repeated_in_messages():
-    from model.sources_live import _without_password
-
-    assert _without_password("rtsp://admin:secret@10.0.0.2:554/live") == "rtsp://admin:***@10.0.0.2:554/live"
-    assert _without_password("http://host/x.mjpg") == "http://host/x.mjpg"
 
 
 # ---------------------------------------------------------------- video_io on top of open_video
