@@ -18,7 +18,7 @@ import torch
 
 from model.config import BUDGET_STATS, add_budget_arguments, budget_config
 from model.offline import bounded_visibility, build_inputs, chat_segments, masked_logits, native_generate
-from model.report import WIDTH, load_engine, section, video_path
+from model.report import WIDTH, load_engine, plot_stream_vs_native, section, video_path
 from model.timing import device_info, median, reset_peak, set_exact_fp32, sync, timed, vram
 from model.video_io import load_frames
 
@@ -159,28 +159,6 @@ def sweep(engine, fps, args, seconds_list):
     return rows
 
 
-def plot(rows, path, title):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    x = [r["seconds"] for r in rows]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-    ax1.plot(x, [r["stream_ttft_s"] * 1e3 for r in rows], "o-", label="streaming")
-    ax1.plot(x, [r["native_ttft_s"] * 1e3 if r["native_ttft_s"] else float("nan") for r in rows], "s-", label="native")
-    ax1.set(xlabel="video length (s)", ylabel="time to first token (ms)", yscale="log", title="TTFT")
-    ax2.plot(x, [(r["stream_peak_mib"] or 0) / 1024 for r in rows], "o-", label="streaming")
-    ax2.plot(x, [(r["native_peak_mib"] or float("nan")) / 1024 for r in rows], "s-", label="native")
-    ax2.set(xlabel="video length (s)", ylabel="peak GPU memory (GiB)", title="VRAM")
-    for ax in (ax1, ax2):
-        ax.grid(True, alpha=0.3)
-        ax.legend()
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-
-
 def print_report(s, n, agree, meta, exact):
     section("COMPARISON REPORT")
     ratio = lambda a, b: f"{b / a:8.1f}x" if a > 0 else "     n/a"  # noqa: E731
@@ -271,7 +249,7 @@ def run(argv=None) -> tuple[dict, int]:
     if args.plot:
         print(f"[5] Sweep for the plot: {args.sweep} s")
         results["sweep"] = sweep(engine, fps, args, [float(x) for x in args.sweep.split(",")])
-        plot(results["sweep"], args.plot, f"{meta['card']}, {dtype}, {meta['attn_implementation']}, "
+        plot_stream_vs_native(results["sweep"], args.plot, f"{meta['card']}, {dtype}, {meta['attn_implementation']}, "
              f"{meta['resolution']} px, {fps:g} fps, {args.chunk}-frame chunks")
         print(f"    plot written to {args.plot}")
     if args.json:

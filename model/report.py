@@ -75,3 +75,26 @@ def load_engine(dtype: Optional[str] = None, attn_implementation: str = "sdpa", 
 
 def main(title: str, checks: list[Callable[[], None]]) -> None:
     sys.exit(run_checks(title, checks))
+
+
+def plot_stream_vs_native(rows: list, path: str, title: str) -> None:
+    """Step 6's sweep: TTFT and peak GPU memory against video length, streaming vs native (a PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    x = [r["seconds"] for r in rows]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    ax1.plot(x, [r["stream_ttft_s"] * 1e3 for r in rows], "o-", label="streaming")
+    ax1.plot(x, [r["native_ttft_s"] * 1e3 if r["native_ttft_s"] else float("nan") for r in rows], "s-", label="native")
+    ax1.set(xlabel="video length (s)", ylabel="time to first token (ms)", yscale="log", title="TTFT")
+    ax2.plot(x, [(r["stream_peak_mib"] or 0) / 1024 for r in rows], "o-", label="streaming")
+    ax2.plot(x, [(r["native_peak_mib"] or float("nan")) / 1024 for r in rows], "s-", label="native")
+    ax2.set(xlabel="video length (s)", ylabel="peak GPU memory (GiB)", title="VRAM")
+    for ax in (ax1, ax2):
+        ax.grid(True, alpha=0.3)
+        ax.legend()
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
