@@ -84,3 +84,66 @@ def test_an_open_answer_holds_the_stream(tiny):
     s.close()
     other.join(timeout=30)
     assert done.is_set()
+
+
+def in_thread(fn) -> None:
+    """Run fn in a new thread and wait for it; its exception is raised here."""
+    errors = []
+    t = threading.Thread(target=lambda: _capture(fn, errors), daemon=True)
+    t.start()
+    t.join(timeout=60)
+    assert not t.is_alive(), "the thread is still blocked"
+    if errors:
+        raise errors[0]
+
+
+def _capture(fn, errors):
+    try:
+        fn()
+    except BaseException as e:  # handed to the test's thread
+        errors.append(e)
+
+
+def test_an_answer_stepped_and_closed_from_other_threads_holds_and_frees_the_stream(tiny):
+    """A server hands an open answer between threads: any thread may step or close it."""
+    engine = streamed(tiny)
+    before = signature(engine)
+    ref = engine.ask("Hand it over.", max_new_tokens=12)
+    engine.stop_ids = set()  # so the answer has its 12 tokens to hand around
+    s = engine.ask_stream("Hand it over.", max_new_tokens=12)
+    pieces = [next(s)]
+    for _ in range(2):
+        in_thread(lambda: pieces.append(next(s)))
+    done = threading.Event()
+    waiter = threading.Thread(target=lambda: (engine.ask("Meanwhile?", max_new_tokens=1), done.set()), daemon=True)
+    waiter.start()
+    assert not done.wait(0.3), "another thread's call must wait while the answer is open"
+    in_thread(s.close)
+    waiter.join(timeout=60)
+    assert done.is_set() and not waiter.is_alive()
+    assert ref.text.startswith("".join(pieces)) and s.answer is None
+    assert_same_signature(before, signature(engine))
+    engine.ask("And the opener too?", max_new_tokens=1)  # the thread that opened it goes on
+
+
+def test_an_answer_finished_in_another_thread_commits_its_turn(tiny):
+    alone, handed = streamed(tiny), streamed(tiny)
+    ref = alone.ask("Keep it.", update_state=True, max_new_tokens=6)
+    s = handed.ask_stream("Keep it.", update_state=True, max_new_tokens=6)
+    rest = []
+    first = next(s)
+    in_thread(lambda: rest.extend(s))
+    assert first + "".join(rest) == ref.text and s.answer.token_ids == ref.token_ids
+    assert_same_signature(signature(alone), signature(handed))
+    in_thread(lambda: handed.ask("Next?", max_new_tokens=1))
+
+
+def test_dropping_an_open_answer_frees_the_stream_for_every_thread(tiny):
+    engine = streamed(tiny)
+    before = signature(engine)
+    s = engine.ask_stream("Drop me.", max_new_tokens=20)
+    next(s)
+    del s
+    in_thread(lambda: engine.ask("Other thread?", max_new_tokens=1))
+    engine.ask("Same thread?", max_new_tokens=1)
+    assert_same_signature(before, signature(engine))

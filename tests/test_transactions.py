@@ -19,6 +19,7 @@ import transformers.models.qwen2_5_vl as qwen_pkg
 
 import model as library
 from model import VideoStreamInference
+from model.kv_cache_manager import KVCacheManager
 from model.offline import build_inputs, native_logits
 from model.prompt import QUESTION_MARK, VISION_END, VISION_START
 from model.testing import synthetic_frames
@@ -150,3 +151,85 @@ def test_out_of_memory_at_each_layer_of_a_growth(tiny, monkeypatch, failing_allo
     assert_same_signature(before, signature(engine))
     info = engine.append_frames(frames[:8], fps=2)
     assert info.tokens_added == 4 * 35 and engine.kv.cache.capacity > buffers[0][0].shape[2]
+
+
+class AfterCommit:
+    """A profile function raising KeyboardInterrupt at the k-th point, from the commit on, where CPython
+    delivers an asynchronous exception (Ctrl-C): right after a C call returns, or at a Python function's entry.
+
+    (A trace function can also raise at a bare RETURN_VALUE opcode, where no signal is ever delivered;
+    such points are not interrupts a user can cause.)
+    """
+
+    def __init__(self, k: int):
+        self.k, self.points, self.armed, self.fired = k, 0, False, False
+
+    def __call__(self, frame, event, arg):
+        if event == "call" and frame.f_code is KVCacheManager.commit.__code__:
+            self.armed = True
+        if self.armed and not self.fired and event in ("c_return", "call"):
+            self.points += 1
+            if self.points == self.k:
+                self.fired = True
+                raise KeyboardInterrupt(f"injected at point {self.k} after the commit began")
+
+
+@pytest.mark.parametrize("name", ["append_frames", "ask_update_state", "append_image"])
+def test_a_call_that_committed_returns_normally_and_the_interrupt_comes_with_the_next_call(tiny, name):
+    engine = VideoStreamInference(*tiny)
+    engine.append_frames(FRAMES[:4], fps=2)
+    op, deferred = OPS[name], 0
+    for k in range(1, 40):
+        engine.kv.snapshot()
+        before, head = signature(engine), engine.kv.state
+        injector = AfterCommit(k)
+        sys.setprofile(injector)
+        try:
+            op(engine, random.Random(k))
+            raised = False
+        except KeyboardInterrupt:
+            raised = True
+        finally:
+            sys.setprofile(None)
+        if not injector.armed:
+            pytest.fail(f"{name}: the commit was never reached")
+        if raised:  # the interrupt came before the commit: nothing committed
+            assert_same_signature(before, signature(engine))
+        else:
+            committed = signature(engine)
+            assert engine.kv.state is not head, "a call that returned normally committed nothing"
+            if injector.fired:  # it landed after the commit: the next call raises it, before touching the stream
+                deferred += 1
+                with pytest.raises(KeyboardInterrupt, match="after the commit"):
+                    engine.ask("Next?", max_new_tokens=1)
+                assert_same_signature(committed, signature(engine))
+        engine.kv.restore()
+        if not injector.fired:
+            break
+    assert deferred >= 1, "no interrupt landed after a commit: the test would not test it"
+
+
+def test_a_streamer_that_calls_the_engine_fails_the_call_and_commits_nothing(tiny):
+    """A nested call from a streamer's put() cannot run (the stream is mid-call): it raises, so the outer
+    call raises before its commit, and the stream is left as it was."""
+    engine = VideoStreamInference(*tiny)
+    engine.append_frames(FRAMES[:4], fps=2)
+
+    class CallsBack:
+        def put(self, value):
+            engine.ask("Nested?", max_new_tokens=1)
+
+        def end(self):
+            pass
+
+    before = signature(engine)
+    for update_state in (True, False):
+        with pytest.raises(RuntimeError, match="from inside one of its own calls"):
+            engine.ask("Outer?", update_state=update_state, max_new_tokens=3, streamer=CallsBack())
+        with pytest.raises(RuntimeError, match="from inside one of its own calls"):
+            list(engine.ask_stream("Outer?", update_state=update_state, max_new_tokens=3, streamer=CallsBack()))
+        assert_same_signature(before, signature(engine))
+    worker = threading.Thread(target=lambda: engine.ask("Other thread?", max_new_tokens=1))
+    worker.start()
+    worker.join(timeout=60)
+    assert not worker.is_alive(), "the failed calls left the stream held"
