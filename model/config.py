@@ -25,6 +25,7 @@ class StreamConfig:
     fast: bool = True  # stream attention kernels (+ CUDA graphs on a GPU); False: transformers' sdpa, dense masks
     cuda_graphs: bool = True  # capture questions, decode steps and chunk appends (CUDA and fast only)
     vision_graphs: bool = True  # capture the vision tower per grid shape (CUDA and fast only)
+    emulate_graphs: bool = False  # no CUDA: run the graph paths (static shapes, buckets, pad rows) eagerly, for tests
     graph_buckets: tuple[int, ...] = (1, 16, 32, 64, 128)  # token-segment sizes a captured graph is padded to
     max_graph_embed_rows: int = 4096  # video-chunk segments up to this many tokens run as graphs
     fold_max_rows: int = 1024  # query rows (heads x tokens) up to which attention folds GQA heads into rows
@@ -33,6 +34,7 @@ class StreamConfig:
     grow_min: int = 1024  # tokens added at least when the cache grows (it grows x1.5 otherwise)
     max_frames_per_forward: int = 16  # video frames per vision+LM forward within one append (rounded down to whole temporal patches)
     choice_chunk_tokens: int = 128  # ask_choice: choice tokens per forward and per log-softmax chunk
+    max_question_tokens: int = 8192  # the longest question (and each choice), refused before any forward beyond
     default_fps: float = 2.0  # fps of a video block whose first append gives none (a warning says so)
     attention_kernel: str = "auto"  # "auto": the live-length Triton kernel on CUDA when Triton imports; "triton"; "torch"
     # Bounded memory (slot_layout.py): either limit (or both) turns it on; None: the cache grows with the stream.
@@ -44,10 +46,11 @@ class StreamConfig:
     recall_probe_layers: int = 8  # decoder layers whose queries score the evicted grids (fewer: faster, coarser)
 
     def __post_init__(self) -> None:
-        for name in ("fast", "cuda_graphs", "vision_graphs"):
+        for name in ("fast", "cuda_graphs", "vision_graphs", "emulate_graphs"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"StreamConfig.{name} must be True or False, got {getattr(self, name)!r}")
-        positive = ("max_graph_embed_rows", "fold_max_rows", "grow_min", "choice_chunk_tokens", "max_frames_per_forward")
+        positive = ("max_graph_embed_rows", "fold_max_rows", "grow_min", "choice_chunk_tokens", "max_frames_per_forward",
+                    "max_question_tokens")
         for name in positive + ("rows_max_scores", "initial_capacity"):
             value = getattr(self, name)
             if not _is_int(value):

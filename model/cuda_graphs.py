@@ -117,6 +117,10 @@ class _Recorder:
             torch.cuda.current_stream().wait_stream(stream)
         return graph, out
 
+    def release(self) -> None:
+        """Drop every captured graph (and what it keeps alive: the buffers it was captured over)."""
+        self.graphs = {}
+
     def fail(self, e: Exception) -> None:
         self.disabled = f"off (capture failed: {str(e).splitlines()[0][:120]})"
 
@@ -137,6 +141,10 @@ class GraphRunner(_Recorder):
         self.probe = probe  # a (rows, n) -> QueryProbe builder (bounded streams with recall)
         self.graphs: dict[tuple, _Graph] = {}
         self.buffers = None  # the cache buffers the graphs were captured against
+
+    def release(self) -> None:
+        super().release()
+        self.buffers = None
 
     @property
     def cache(self) -> StreamKVCache:
@@ -215,13 +223,15 @@ class GraphRunner(_Recorder):
         bounded = slots is not None
         slot_index = slots.clone() if bounded else None  # (b,) static: where a bounded stream's rows go
         visible = torch.zeros(self.cache.capacity, dtype=torch.bool, device=device) if bounded else None
+        masks = self.masks  # the step refers to no graph runner: an emulated replay keeps its step, and a cycle
+        # through it would keep the whole stream alive after its engine is gone
 
         def step() -> torch.Tensor:
             index = slot_index if bounded else start + rows  # (b,) where this segment's K/V go
             if bounded:  # scattered slots: each slot's rank says which rows see it
-                mask = self.masks.bounded(0, visible, index, on_query=probe)
-            elif self.masks.live:  # attention reads [0, start+b) only: cost follows the live length
-                mask = self.masks.causal(at, b, model.dtype, start)
+                mask = masks.bounded(0, visible, index, on_query=probe)
+            elif masks.live:  # attention reads [0, start+b) only: cost follows the live length
+                mask = masks.causal(at, b, model.dtype, start)
             else:  # the whole capacity, masked per row
                 mask = StreamMask(0, static_causal_mask(index, cols, zero), cfg.fold_max_rows, cfg.rows_max_scores)
             embeds = inputs if kind == "embeds" else model.get_input_embeddings()(inputs)[None]

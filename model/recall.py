@@ -54,6 +54,12 @@ class QueryProbe:
         self.weights = weights  # (rows,) float32: 1/n for the n real rows, 0 for a graph's pad rows
         self.out = torch.zeros(layers, kv_heads, head_dim, dtype=torch.float32, device=weights.device)
 
+    @classmethod
+    def for_model(cls, model, probe_layers: int, rows: int, n: int) -> "QueryProbe":
+        """The probe of ``model`` for n tokens in ``rows`` rows: its first ``probe_layers`` layers' query means."""
+        layers, kv_heads, head_dim = model.kv_shape()
+        return cls(min(probe_layers, layers), kv_heads, head_dim, cls.uniform(rows, n, model.device))
+
     @staticmethod
     def uniform(rows: int, n: int, device) -> torch.Tensor:
         return (torch.arange(rows, device=device) < n).float() / n
@@ -183,12 +189,12 @@ def _first_run(free: torch.Tensor, n: int):
     return int(fits[0]) if fits.numel() else None
 
 
-def bring_back(stream, txn, question: str) -> None:
+def bring_back(stream, txn, question_ids: list[int]) -> None:
     """Score the stored grids with the question's own queries (read on a dropped fork of ``txn``), load
     the best ``recall_grids`` into free slots of ``txn``: visible to this question and its answer only."""
     probe = txn.fork()
     stream.ensure_turn(probe)
-    queries = stream.close_block(probe, stream.pieces.question_ids(stream.tokenizer, question), probe=True)
+    queries = stream.close_block(probe, stream.pieces.question_ids(stream.tokenizer, question_ids), probe=True)
     stored, kv = txn.state.layout.stored, stream.kv
     scores = kv.recall.scores(queries, stored)
     best = sorted(sorted(range(len(stored)), key=lambda i: (-scores[i], -stored[i].seq))[:stream.config.recall_grids])

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import partial
 from typing import Optional
 
 import torch
@@ -18,7 +19,7 @@ from tqdm.auto import tqdm
 from .config import StreamConfig
 from .cuda_graphs import GraphRunner, VisionGraphs
 from .fast_attention import backends, live_length_kernel, vision_varlen_supported
-from .frames import pad_to_temporal_patch, patchify, resize_frames, target_size
+from .frames import check_sizes, pad_to_temporal_patch, patchify, resize_frames, target_size
 from .kv_cache_manager import KVCacheManager, Transaction
 from .masks import Masks
 from .positions import next_start, text_positions, vision_positions
@@ -64,18 +65,27 @@ class Stream:
         self.fast = config.fast and model.stream_kernels
         live = live_length_kernel(config.attention_kernel, self.fast, model.device)  # the Triton kernel
         self.masks = Masks(self.fast, live, config.fold_max_rows, config.rows_max_scores, model.dtype, model.device)
-        graphs = self.fast and model.device.type == "cuda"
-        self.runner = (GraphRunner(model, self.kv, config, masks=self.masks, probe=self.query_probe)
+        cuda = model.device.type == "cuda"
+        graphs = self.fast and (cuda or config.emulate_graphs)  # emulated: each replay re-runs its step eagerly
+        # the probe builder must not refer back to this stream: engines hold no reference cycles (close/del free them)
+        self.query_probe = partial(QueryProbe.for_model, model, config.recall_probe_layers)
+        self.runner = (GraphRunner(model, self.kv, config, capture=cuda, masks=self.masks, probe=self.query_probe)
                        if graphs and config.cuda_graphs else None)
         varlen_graphs = graphs and config.vision_graphs and self.varlen
-        self.vision_graphs = VisionGraphs(model) if varlen_graphs else None
+        self.vision_graphs = VisionGraphs(model, capture=cuda) if varlen_graphs else None
 
     @property
     def varlen(self) -> bool:
         return self.fast and vision_varlen_supported()
 
     def reset(self, keep_memory: bool = False) -> None:
+        """A new stream; without ``keep_memory`` the cache, recall slab and graphs are freed (not only dropped:
+        graphs captured over the buffers would keep them alive)."""
         self.kv.clear(keep_buffers=keep_memory)
+        if not keep_memory:
+            for graphs in (self.runner, self.vision_graphs):
+                if graphs is not None:
+                    graphs.release()
 
     # -- segments ----------------------------------------------------------------------
     def _forward(self, txn: Transaction, kind: str, inputs: torch.Tensor, positions: torch.Tensor,
@@ -101,9 +111,9 @@ class Stream:
                                       visible=visible)
                 slots = index[:n] if out is not None else None
             if out is None:
-                view, slots = self.kv.slot_view(txn, n)
+                view, slots = self.kv.slot_view(txn, n, trim=not self.masks.live)
                 probe = self.query_probe(n, n) if kind == "probe" else None
-                mask = self.bounded_mask(txn, view.index, tree, probe)
+                mask = self.bounded_mask(txn, view.index, tree, probe, view.end)
         else:
             assert kind != "probe", "recall's probe runs on bounded streams only"
             if rows is not None:
@@ -123,15 +133,12 @@ class Stream:
                   next_position=max(txn.state.next_position, next_start(positions)))
         return out if logits != "none" or kind == "probe" else None
 
-    def query_probe(self, rows: int, n: int) -> QueryProbe:
-        """Recall's probe for n tokens in ``rows`` rows: the first ``recall_probe_layers`` layers' query means."""
-        layers, kv_heads, head_dim = self.model.kv_shape()
-        weights = QueryProbe.uniform(rows, n, self.model.device)
-        return QueryProbe(min(self.config.recall_probe_layers, layers), kv_heads, head_dim, weights)
-
-    def bounded_mask(self, txn: Transaction, slots: torch.Tensor, tree: Optional[list[int]] = None, on_query=None):
-        """``Masks.bounded`` for new tokens of ``txn`` at (n,) device ``slots``: its working head's kept slots."""
+    def bounded_mask(self, txn: Transaction, slots: torch.Tensor, tree: Optional[list[int]] = None, on_query=None,
+                     end: Optional[int] = None):
+        """``Masks.bounded`` for new tokens of ``txn`` at (n,) device ``slots``: its working head's kept slots
+        (among the first ``end`` slots, when the view is trimmed to them)."""
         visible = txn.state.layout.visible(self.kv.cache.capacity, self.model.device)
+        visible = visible if end is None else visible[:end]
         return self.masks.bounded(txn.length, visible, slots, tree, on_query)
 
     def feed_ids(self, txn: Transaction, ids: list[int], logits: str = "none", positions: Optional[torch.Tensor] = None,
@@ -200,6 +207,7 @@ class Stream:
         if st.block_start is not None and not math.isclose(spgt, st.second_per_grid_t, rel_tol=0, abs_tol=1e-12):
             raise ValueError(f"fps changed from {st.fps} to {fps} inside one video; call reset() or "
                              "ask(..., update_state=True) first")
+        check_sizes(raw, self.video_pixels)
         size = st.frame_size or target_size(raw[0].shape[1], raw[0].shape[2], self.video_pixels)
         frames = resize_frames(raw, size, device=self.model.device)  # (n, 3, H, W)
         self.ensure_turn(txn)
@@ -266,15 +274,16 @@ class Stream:
             ids = encode(self.tokenizer, VISION_END) + ids
         return self.feed_ids(txn, ids, logits=logits, probe=probe) if ids else None
 
-    def open_question(self, txn: Transaction, question: str) -> torch.Tensor:
-        """Close the block and feed the question + assistant header; returns (1, V) logits of the next token.
+    def open_question(self, txn: Transaction, question_ids: list[int]) -> torch.Tensor:
+        """Close the block and feed the question (its literal ``question_ids``) + assistant header; returns (1, V)
+        logits of the next token.
 
         A bounded stream with recall first brings back the evicted grids most relevant to the question.
         """
         if self.kv.recall is not None and txn.state.layout.stored:
-            bring_back(self, txn, question)
+            bring_back(self, txn, question_ids)
         self.ensure_turn(txn)
-        return self.close_block(txn, self.pieces.question_ids(self.tokenizer, question), logits="last")[:, -1]
+        return self.close_block(txn, self.pieces.question_ids(self.tokenizer, question_ids), logits="last")[:, -1]
 
     def commit_answer(self, txn: Transaction, unfed_ids: list[int]) -> None:
         """Feed the answer tokens decoding did not feed, and close the turn."""
