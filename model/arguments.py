@@ -50,6 +50,28 @@ def check_question(question) -> str:
     return check_text("question", question)
 
 
+CHARS_PER_TOKEN_AT_MOST = 256  # a text this many times longer than a token limit is refused without tokenising it
+
+
+def user_text_ids(name: str, text, tokenizer, limit: int) -> list[int]:
+    """Checked user text -> its literal ids (``prompt.encode_user_text``), at most ``limit`` of them.
+
+    Refused before any forward, since a question's cost in memory and time grows with its length
+    (``StreamConfig.max_question_tokens``).
+    """
+    from .prompt import encode_user_text
+
+    check_text(name, text)
+    if len(text) > limit * CHARS_PER_TOKEN_AT_MOST:
+        raise ValueError(f"{name} has {len(text):,} characters, far more than StreamConfig.max_question_tokens="
+                         f"{limit} tokens: shorten it (or raise that setting)")
+    ids = encode_user_text(tokenizer, text)
+    if len(ids) > limit:
+        raise ValueError(f"{name} is {len(ids):,} tokens, more than StreamConfig.max_question_tokens={limit}: "
+                         "shorten it (or raise that setting)")
+    return ids
+
+
 def check_choices(choices) -> list[str]:
     if isinstance(choices, str) or not isinstance(choices, Sequence):
         raise TypeError(f"choices must be a list of strings, got {type(choices).__name__}")

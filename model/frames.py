@@ -114,13 +114,18 @@ def to_frame_list(frames: Any) -> list[torch.Tensor]:
 
 # ---------------------------------------------------------------- size
 
-def target_size(height: int, width: int, cfg: PixelConfig, index: int = 0) -> tuple[int, int]:
-    """The (H, W) a frame of this size is resized to (Qwen's smart_resize).
+def check_sizes(frames: Sequence[torch.Tensor], cfg: PixelConfig) -> None:
+    """Refuse any (3, H, W) frame of a call below the processor's minimum or of aspect ratio over 200
+    (``check_size``), every frame and not only a block's first: a later frame is resized to the
+    block's size, and a sliver would be stretched into it."""
+    for i, f in enumerate(frames):
+        check_size(f.shape[1], f.shape[2], cfg, i)
 
-    Frames below the processor's minimum (a side under patch_size * merge_size, or fewer than
+
+def check_size(height: int, width: int, cfg: PixelConfig, index: int = 0) -> None:
+    """Frames below the processor's minimum (a side under patch_size * merge_size, or fewer than
     min_pixels pixels) are refused: they would fix a stream's size to a few patches and
-    squash every later frame into it. ``index`` names the frame in the message.
-    """
+    squash every later frame into it. ``index`` names the frame in the message."""
     if min(height, width) < cfg.factor or height * width < cfg.min_pixels:
         side = max(cfg.factor, math.ceil(math.sqrt(cfg.min_pixels)))
         raise ValueError(
@@ -129,6 +134,11 @@ def target_size(height: int, width: int, cfg: PixelConfig, index: int = 0) -> tu
         )
     if max(height, width) / min(height, width) > 200:
         raise ValueError(f"frame {index}: aspect ratio of {height}x{width} exceeds 200")
+
+
+def target_size(height: int, width: int, cfg: PixelConfig, index: int = 0) -> tuple[int, int]:
+    """The (H, W) a frame of this size is resized to (Qwen's smart_resize); refused as ``check_size`` says."""
+    check_size(height, width, cfg, index)
     return smart_resize(height, width, factor=cfg.factor, min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels)
 
 

@@ -86,12 +86,13 @@ class CacheView:
     """What transformers' attention layers see during one forward: ``update`` and ``get_seq_length``.
 
     Dynamic form (``start``): the segment's K/V go to [start, start+n) and attention gets views of
-    [0, start+n). Static form (``index``, CUDA graphs): K/V go to the device indices ``index`` and
-    attention gets the whole buffers (a mask hides what a row must not see).
+    [0, start+n). Static form (``index``: CUDA graphs, bounded streams): K/V go to the device
+    indices ``index`` and attention gets the whole buffers (a mask hides what a row must not see),
+    or their first ``end`` slots.
     """
 
-    def __init__(self, buffers: Buffers, start: int, index: Optional[torch.Tensor] = None):
-        self.buffers, self.start, self.index = buffers, start, index
+    def __init__(self, buffers: Buffers, start: int, index: Optional[torch.Tensor] = None, end: Optional[int] = None):
+        self.buffers, self.start, self.index, self.end = buffers, start, index, end
 
     # 4.57 passes cache_kwargs positionally, 5.x as a keyword
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
@@ -100,7 +101,7 @@ class CacheView:
         if self.index is not None:
             k.index_copy_(2, self.index, key_states)
             v.index_copy_(2, self.index, value_states)
-            return k, v
+            return (k, v) if self.end is None else (k[:, :, :self.end], v[:, :, :self.end])
         end = self.start + key_states.shape[2]
         assert end <= k.shape[2], f"segment ends at {end}, past the capacity {k.shape[2]}: call ensure() first"
         k[:, :, self.start:end].copy_(key_states)

@@ -47,10 +47,11 @@ class CacheState:
 class Transaction:
     """A working copy of the head. Forwards write past the committed length; nothing shows until commit."""
 
-    def __init__(self, base: Any):
+    def __init__(self, base: Any, commits: bool = True):
         self.base = base  # the committed head this transaction started from
         self.state = base
         self.settled = None  # the working head ``KVCacheManager.settle`` last produced
+        self.commits = commits  # False: dropped whatever happens (a question's isolated fork): no budget applies
 
     @property
     def length(self) -> int:
@@ -72,7 +73,7 @@ class Transaction:
 
     def fork(self) -> "Transaction":
         """A nested transaction starting at this one's working head (dropped = rolled back)."""
-        return Transaction(self.state)
+        return Transaction(self.state, commits=False)
 
 
 class KVCacheManager:
@@ -99,8 +100,9 @@ class KVCacheManager:
     def get_seq_length(self) -> int:
         return self._state.last_cache_position
 
-    def begin(self) -> Transaction:
-        return Transaction(self._state)
+    def begin(self, commits: bool = True) -> Transaction:
+        """A transaction from the committed head; ``commits=False``: it will be dropped (isolated questions)."""
+        return Transaction(self._state, commits)
 
     def ensure(self, txn: Transaction, n: int) -> None:
         """Room for n more tokens after the working head (growth keeps what the transaction wrote)."""
@@ -127,18 +129,24 @@ class KVCacheManager:
             taken = taken | layout.visible(cap)
         return taken
 
-    def slot_view(self, txn: Transaction, n: int) -> tuple[CacheView, torch.Tensor]:
+    def slot_view(self, txn: Transaction, n: int, trim: bool = False) -> tuple[CacheView, torch.Tensor]:
         """Where a bounded stream's forward of n tokens writes -> (view, (n,) int64 CPU slots; the
         view's ``index`` holds them on the device).
 
         Slots free in every reachable head, lowest first (the cache grows when too few are free).
+        ``trim``: attention sees the slots below the highest one in use only (``CacheView.end``), so
+        its sums do not depend on the cache's capacity (slots are the same at any capacity).
         """
         self.check_call(txn, n)
         slots = self.allocate(txn, n)
-        return CacheView(self.cache.buffers, txn.length, slots.to(self.cache.device)), slots
+        end = max(txn.state.layout.top, int(slots.max()) + 1) if trim else None
+        return CacheView(self.cache.buffers, txn.length, slots.to(self.cache.device), end), slots
 
     def check_call(self, txn: Transaction, n: int) -> None:
-        """One call may add at most the token budget (so a bounded cache never holds more than twice it)."""
+        """A committing call may add at most the token budget (so a bounded cache never holds more than twice it);
+        what a call never commits (an isolated question, its answer, choices) does not count."""
+        if not txn.commits:
+            return
         added = txn.length + n - self._state.last_cache_position
         if self.budget.tokens is not None and added > self.budget.tokens:
             raise ValueError(f"this call adds {added} tokens to the cache, more than StreamConfig.cache_budget_tokens="

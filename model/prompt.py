@@ -58,10 +58,10 @@ class PromptPieces:
         """The question tail as text (only for trusted text: special-token strings in it become special ids)."""
         return self.question_tail.replace(QUESTION_MARK, text)
 
-    def question_ids(self, tokenizer, text: str) -> list[int]:
-        """The question tail as ids, the user's ``text`` tokenised as literal text (``encode_user_text``)."""
+    def question_ids(self, tokenizer, user_ids: list[int]) -> list[int]:
+        """The question tail as ids around the question's own ``user_ids`` (literal text: ``encode_user_text``)."""
         before, after = self.question_tail.split(QUESTION_MARK)
-        return encode(tokenizer, before) + encode_user_text(tokenizer, text) + encode(tokenizer, after)
+        return encode(tokenizer, before) + list(user_ids) + encode(tokenizer, after)
 
 
 class _TokenizerLock:

@@ -97,6 +97,11 @@ class SlotLayout:
         return [(s.seq, s.n) for s in self.spans]
 
     @cached_property
+    def top(self) -> int:
+        """One past the highest kept slot (0 when nothing is kept)."""
+        return int(self.slot_list.max()) + 1 if self.spans else 0
+
+    @cached_property
     def slot_list(self) -> torch.Tensor:
         """(kept,) int64 CPU: every kept slot."""
         return torch.cat([s.slots for s in self.spans]) if self.spans else torch.zeros(0, dtype=torch.long)

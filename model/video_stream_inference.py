@@ -22,7 +22,7 @@ from typing import Any, Optional, Sequence
 import torch
 
 from . import compat
-from .arguments import check_bool, check_choices, check_fps, check_max_new_tokens, check_question
+from .arguments import check_bool, check_choices, check_fps, check_max_new_tokens, user_text_ids
 from .config import StreamConfig, resolve_config
 from .answer_stream import AnswerStream, finish_answer, start_answer, streamer_feed
 from .chunk_info import ChunkInfo
@@ -31,7 +31,7 @@ from .recall import recalled
 from .slot_layout import check_budget
 from .frames import to_frame_list
 from .loading import load_checkpoint
-from .prompt import encode, encode_user_text, extract_vision_segment, prompt_pieces, token_ids
+from .prompt import encode, extract_vision_segment, prompt_pieces, token_ids
 from .scoring import TREE_ATTENTION, score_choices
 from .stream import Stream, StreamState
 from .stream_qwen_model import StreamQwenModel
@@ -118,8 +118,8 @@ class VideoStreamInference(Transactional):
         ``generate(streamer=...)`` feeds it. Special-token text in the question is read as literal text.
         """
         t0 = time.perf_counter()
-        sampler = self._check_ask(question, update_state, max_new_tokens, generation)
-        return self._transaction(self._ask, question, update_state, max_new_tokens, sampler, streamer, t0)
+        question_ids, sampler = self._check_ask(question, update_state, max_new_tokens, generation)
+        return self._transaction(self._ask, question_ids, update_state, max_new_tokens, sampler, streamer, t0)
 
     def ask_stream(self, question: str, update_state: bool = False, max_new_tokens: int = 128, streamer=None,
                    **generation) -> AnswerStream:
@@ -129,8 +129,8 @@ class VideoStreamInference(Transactional):
         leaves the stream bit-identical; other threads' calls wait while it is open.
         """
         t0 = time.perf_counter()
-        sampler = self._check_ask(question, update_state, max_new_tokens, generation)
-        return AnswerStream(self, question, update_state, max_new_tokens, sampler, streamer, t0)
+        question_ids, sampler = self._check_ask(question, update_state, max_new_tokens, generation)
+        return AnswerStream(self, question_ids, update_state, max_new_tokens, sampler, streamer, t0)
 
     def ask_choice(self, question: str, choices: Sequence[str]) -> ChoiceResult:
         """Score each choice by log p(choice | video, question); isolated like ``ask``.
@@ -139,10 +139,11 @@ class VideoStreamInference(Transactional):
         the length-normalised scores. Choices are read as literal text.
         """
         t0 = time.perf_counter()
-        check_question(question)
+        limit = self.config.max_question_tokens
+        question_ids = user_text_ids("question", question, self.tokenizer, limit)
         choices = check_choices(choices)
-        choice_ids = [encode_user_text(self.tokenizer, c) for c in choices]
-        scores, seen_again = self._transaction(self._score, question, choice_ids)
+        choice_ids = [user_text_ids(f"choice {i}", c, self.tokenizer, limit) for i, c in enumerate(choices)]
+        scores, seen_again = self._transaction(self._score, question_ids, choice_ids)
         norm = [s / len(ids) for s, ids in zip(scores, choice_ids)]
         best = max(range(len(scores)), key=scores.__getitem__)
         return ChoiceResult(choices[best], best, scores, norm, choices, time.perf_counter() - t0, seen_again)
@@ -162,7 +163,9 @@ class VideoStreamInference(Transactional):
         dropped: the stream is left exactly as it was. ``freeze_gc``: afterwards move every object
         that exists (model, graphs) out of the garbage collector's full passes (``gc.freeze()``),
         which otherwise walk ~10^6 objects and stall a chunk every few seconds (45 ms on the H200
-        host). Returns what was captured and how long it took.
+        host). Frozen objects are still freed when their last reference goes: an engine holds no
+        reference cycles, so ``close()``, ``reset()`` or dropping it frees its memory all the same.
+        Returns what was captured and how long it took.
         """
         check_bool("freeze_gc", freeze_gc)
         t0 = time.perf_counter()
@@ -180,18 +183,31 @@ class VideoStreamInference(Transactional):
     def reset(self, keep_memory: bool = False) -> None:
         """Drop the stream (state, snapshots, cached tokens) and start a new one on the same model.
 
-        ``keep_memory=False``: the cache's memory is freed, and a reserved capacity goes with it
-        (call ``warmup`` again before real-time use). ``keep_memory=True``: the cache buffers, the
-        recall slab and the CUDA graphs captured over them stay for the next stream (nothing is
-        re-allocated or re-captured); what they hold is never read again. The next stream equals
-        one on a fresh engine either way.
+        ``keep_memory=False``: the stream's memory is freed now (cache, recall slab and the CUDA
+        graphs captured over them), and a reserved capacity goes with it (call ``warmup`` again
+        before real-time use). ``keep_memory=True``: the cache buffers, the recall slab and the
+        graphs stay for the next stream (nothing is re-allocated or re-captured); what they hold is
+        never read again. The next stream equals one on a fresh engine either way.
         """
         check_bool("keep_memory", keep_memory)
-        self._acquire()
-        try:
-            self._stream.reset(keep_memory)
-        finally:
-            self._lock.release()
+        self._transaction(self._reset, keep_memory)
+
+    def close(self) -> None:
+        """Free the stream's memory now (cache, recall slab, graphs); the engine refuses calls afterwards.
+
+        ``with VideoStreamInference(...) as engine:`` closes it at the end of the block. Closing
+        twice is harmless; the model is shared and stays. Dropping the last reference to an engine
+        frees the same memory (engines hold no reference cycles, so no garbage-collector pass is
+        needed, also after ``warmup(freeze_gc=True)``).
+        """
+        if not self._closed:
+            self._transaction(self._close)
+
+    def __enter__(self) -> "VideoStreamInference":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def stats(self) -> dict:
         """The stream's numbers and the backends it runs on.
@@ -251,32 +267,42 @@ class VideoStreamInference(Transactional):
         return txn, ChunkInfo(st.chunks, 1, 1, False, txn.length - st.last_cache_position, self.kv.kept(txn.state),
                               time.perf_counter() - t0)
 
-    def _check_ask(self, question, update_state, max_new_tokens, generation: dict):
-        check_question(question)
+    def _check_ask(self, question, update_state, max_new_tokens, generation: dict) -> tuple[list[int], Any]:
+        """-> (the question's literal ids, a sampler): every argument checked before any work."""
+        question_ids = user_text_ids("question", question, self.tokenizer, self.config.max_question_tokens)
         check_bool("update_state", update_state)
-        check_max_new_tokens(max_new_tokens, self.max_positions)
-        return make_sampler(self.model.device, **generation)
+        check_max_new_tokens(max_new_tokens, self.max_positions - len(question_ids))
+        return question_ids, make_sampler(self.model.device, **generation)
 
-    def _ask(self, question: str, update_state: bool, max_new_tokens: int, sampler, streamer, t0: float):
-        txn, decoding, first_logits = start_answer(self, question, max_new_tokens, sampler, t0)
+    def _ask(self, question_ids: list[int], update_state: bool, max_new_tokens: int, sampler, streamer, t0: float):
+        txn, decoding, first_logits = start_answer(self, question_ids, update_state, max_new_tokens, sampler, t0)
         with streamer_feed(streamer, self.tokenizer) as put:
             for tok in decoding:
                 put(tok)
         return (txn if update_state else None), finish_answer(self, txn, decoding, first_logits, update_state, t0)
 
     @torch.no_grad()
-    def _score(self, question: str, choice_ids: list[list[int]]):
-        txn = self.kv.begin()
-        q_logits = self._stream.open_question(txn, question)[0]  # (V,)
+    def _score(self, question_ids: list[int], choice_ids: list[list[int]]):
+        txn = self.kv.begin(commits=False)
+        q_logits = self._stream.open_question(txn, question_ids)[0]  # (V,)
         return None, (score_choices(self._stream, txn, q_logits, choice_ids), recalled(txn.state.layout))
 
     def _reserve(self, tokens: int):
         self.kv.reserve(tokens)
         return None, None
 
+    def _reset(self, keep_memory: bool):
+        self._stream.reset(keep_memory)
+        return None, None
+
+    def _close(self):
+        self._stream.reset(keep_memory=False)
+        self._closed = True
+        return None, None
+
     @torch.no_grad()
     def _warmup(self, raw: list, fps: float, t0: float):
-        self._stream.warm(self.kv.begin(), raw, fps)  # the transaction is dropped: the stream is untouched
+        self._stream.warm(self.kv.begin(commits=False), raw, fps)  # the transaction is dropped: the stream is untouched
         self._sync()
         return None, {"seconds": time.perf_counter() - t0, **self._stream.stats(self.stream_state)}
 

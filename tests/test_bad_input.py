@@ -1,12 +1,14 @@
 """Bad input gets a clear exception that names the problem, and the stream is left unchanged."""
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from model import VideoStreamInference
+from model import StreamConfig, VideoStreamInference
 from model.offline import build_inputs, chat_segments, native_logits
 from model.testing import synthetic_frames
 from tests.conftest import assert_same_signature, signature
@@ -186,3 +188,45 @@ def test_env_paths_that_do_not_exist_are_errors_not_random_weights(monkeypatch, 
         video_path()
     monkeypatch.delenv("QWEN_MODEL_PATH")
     assert model_path() is None and "not set" in capsys.readouterr().out
+
+
+def test_long_questions_and_choices_are_refused_before_any_forward(tiny, monkeypatch):
+    """A question (or choice) longer than StreamConfig.max_question_tokens is refused up front, in
+    milliseconds, whatever its size: it never reaches a forward or an allocation."""
+    engine = VideoStreamInference(*tiny, config=StreamConfig(max_question_tokens=300))
+    engine.append_frames(GOOD[:2], fps=2)
+    before = signature(engine)
+
+    def no_forward(*a, **k):
+        raise AssertionError("a forward ran for a question that must be refused")
+
+    monkeypatch.setattr(type(tiny[0]), "forward_segment", no_forward)
+    long, huge = "x" * 301, "y" * 1_000_000  # the tiny tokenizer has a token per byte
+    calls = [lambda q: engine.ask(q), lambda q: next(engine.ask_stream(q)), lambda q: engine.ask_choice(q, ["a"]),
+             lambda q: engine.ask_choice("Which?", ["a", q]), lambda q: engine.ask(q, update_state=True)]
+    for call in calls:
+        for text in (long, huge):
+            t0 = time.perf_counter()
+            with pytest.raises(ValueError, match="max_question_tokens=300"):
+                call(text)
+            assert time.perf_counter() - t0 < 2.0
+    assert_same_signature(before, signature(engine))
+    monkeypatch.undo()
+    assert engine.ask("x" * 300, max_new_tokens=1).num_tokens == 1  # at the limit: answered
+    with pytest.raises(ValueError, match="max_question_tokens"):
+        StreamConfig(max_question_tokens=0)
+
+
+def test_every_frame_of_a_call_is_checked_not_only_a_blocks_first(engine):
+    """Frames under the processor's minimum or of aspect ratio over 200 are refused wherever they come."""
+    engine.append_frames(GOOD[:2], fps=2)
+    before = signature(engine)
+    for bad, match in ((np.zeros((20, 20, 3), np.uint8), "too small"),
+                       (np.zeros((30, 7000, 3), np.uint8), "aspect ratio")):
+        with pytest.raises(ValueError, match=match):
+            engine.append_frames([GOOD[2], bad], fps=2)
+        with pytest.raises(ValueError, match=match):
+            engine.append_frames(bad, fps=2)
+        with pytest.raises(ValueError, match=match):
+            engine.append_image(bad)
+    assert_same_signature(before, signature(engine))

@@ -14,6 +14,7 @@ from __future__ import annotations
 import random
 
 import numpy as np
+import torch
 import pytest
 
 from model import StreamConfig, VideoStreamInference
@@ -235,3 +236,29 @@ def test_warmup_allocates_the_recall_slab_so_no_eviction_allocates(tiny):
     engine.ask("What?", max_new_tokens=1)
     assert engine.stats()["evicted_grids"] > 0 and engine.stream_state.layout.stored_tokens > 0
     assert engine.kv.recall.allocations == 1 and engine.stats()["recall_host_bytes"] == slab
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_a_bounded_stream_does_not_depend_on_its_cache_capacity(tiny, fast):
+    """Bit for bit: the same bounded stream grown on demand, with its capacity reserved up front, and
+    replayed after reset(keep_memory=True) (attention reads only the slots below the highest in use)."""
+    def run(engine):
+        answers = []
+        for i in range(0, 24, 3):
+            engine.append_frames(FRAMES[i:i + 3], fps=2)
+            a = engine.ask("What is there?", max_new_tokens=3)
+            answers.append((a.first_logits, a.token_ids, engine.ask_choice("Which?", ["a", "b c"]).scores))
+        return answers, signature(engine)
+
+    config = StreamConfig(fast=fast, cache_budget_tokens=100, grow_min=16)
+    grown = VideoStreamInference(*tiny, config=config)
+    reserved = VideoStreamInference(*tiny, config=config)
+    reserved.reserve(4096)
+    results = [run(grown), run(reserved)]
+    grown.reset(keep_memory=True)
+    results.append(run(grown))
+    assert reserved.kv.cache.capacity == 4096 > grown.kv.cache.capacity
+    for answers, sig in results[1:]:
+        assert_same_signature(results[0][1], sig)
+        for (la, ta, ca), (lb, tb, cb) in zip(results[0][0], answers):
+            assert torch.equal(la, lb) and ta == tb and ca == cb

@@ -153,3 +153,24 @@ def test_token_streaming_reset_and_clone_on_a_bounded_stream_with_recall(tiny):
     for i in range(0, 24, 3):
         engine.append_frames(FRAMES[i:i + 3], fps=2)
     assert_same_signature(signature(fresh), signature(engine))  # a reset stream is a new stream
+
+
+def test_only_what_a_call_commits_counts_against_the_budget(tiny):
+    """An isolated question, its answer and its choices may be longer than the budget (they are never
+    kept); a turn kept with ``update_state`` counts, and one that cannot fit is refused before decoding."""
+    engine = bounded(tiny, cache_budget_tokens=90)
+    for i in range(0, 24, 2):
+        engine.append_frames(FRAMES[i:i + 2], fps=2)
+    assert engine.stats()["evicted_grids"] > 0
+    engine.stop_ids = set()  # answers run to max_new_tokens
+    before = signature(engine)
+    long = "Describe every detail of the scene, please. " * 3  # > 90 tokens on its own
+    answer = engine.ask(long, max_new_tokens=120)
+    assert answer.num_tokens == 120
+    assert "".join(engine.ask_stream(long, max_new_tokens=100)) and len(engine.ask_choice(long, ["a", "b " * 60]).scores) == 2
+    assert_same_signature(before, signature(engine))
+    with pytest.raises(ValueError, match="cache_budget_tokens=90"):
+        engine.ask(long, update_state=True, max_new_tokens=120)
+    assert_same_signature(before, signature(engine))
+    engine.ask("Short?", update_state=True, max_new_tokens=3)  # a turn that fits is kept
+    assert engine.stats()["turns"] == 1

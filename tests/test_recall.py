@@ -15,6 +15,7 @@ import torch
 
 from model import StreamConfig, VideoStreamInference, compat
 from model.cuda_graphs import GraphRunner
+from model.prompt import encode_user_text
 from model.positions import text_positions
 from model.testing import synthetic_frames
 
@@ -31,7 +32,7 @@ def test_the_probe_reads_the_queries_of_the_question_graph_or_eager(tiny, fast):
     assert engine.stream_state.layout.stored, "nothing was evicted into the store: the probe would not run"
     stream, kv = engine._stream, engine.kv
     txn = kv.begin()
-    ids = stream.pieces.question_ids(stream.tokenizer, "Where is the red square?")
+    ids = stream.pieces.question_ids(stream.tokenizer, encode_user_text(stream.tokenizer, "Where is the red square?"))
     layers, kv_heads, dim = stream.model.kv_shape()
 
     seen = {}  # layer -> (1, H_q, n, D) rotated queries of a full forward of the same segment
