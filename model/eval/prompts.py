@@ -14,6 +14,7 @@ from .events import OVO
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 YES_NO = ("Yes", "No")  # answer_index 0 = the probe's type 1 ("yes"), 1 = type 0
 REC_MAX_COUNT = 10  # REC options are the counts 0..max(10, the probe's count)
+REC_COUNT_LIMIT = len(LETTERS) - 1  # a larger count is refused: its options 0..count could not be lettered
 
 REC_QUESTION = ("People in this video may repeat one kind of action; 'they' means whoever performs it. "
                 "Counting every complete motion by anyone, how many times did they {activity} so far?")
