@@ -227,12 +227,19 @@ def test_bounded_mode_streams_under_a_budget_on_its_own_engine(bench, engine, tm
             assert max(abs(a - b) for a, b in zip(r["choice"]["scores"], stream[key]["choice"]["scores"])) <= 1e-4, key
 
 
-def test_the_benchmarks_miniature_generator_writes_both_formats(tmp_path):
-    """benchmarks/make_minibench.py (the GPU row's benchmark): videos that decode, annotations that read."""
+def _make_minibench():
+    """benchmarks/make_minibench.py as a module (benchmarks/ is no package)."""
     import importlib.util
-    spec = importlib.util.spec_from_file_location("make_minibench", Path(__file__).parents[1] / "benchmarks" / "make_minibench.py")
+    spec = importlib.util.spec_from_file_location("make_minibench",
+                                                  Path(__file__).parents[1] / "benchmarks" / "make_minibench.py")
     mb = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mb)
+    return mb
+
+
+def test_the_benchmarks_miniature_generator_writes_both_formats(tmp_path):
+    """benchmarks/make_minibench.py (the GPU row's benchmark): videos that decode, annotations that read."""
+    mb = _make_minibench()
     assert mb.main(["--out", str(tmp_path), "--videos", "2", "--seconds", "8", "--size", "64", "--every", "4"]) == 0
     ovo = read_annotations("ovo", tmp_path / "ovo.json")
     sb = read_annotations("streamingbench", tmp_path / "sb.json")
@@ -243,6 +250,40 @@ def test_the_benchmarks_miniature_generator_writes_both_formats(tmp_path):
     cap = cv2.VideoCapture(str(tmp_path / "videos" / "mini1.mp4"))
     assert cap.isOpened() and int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) == 8 * mb.VIDEO_FPS
     cap.release()
+
+
+def _shapes_on_screen(video: Path, t: float, fps: int) -> int:
+    """Coloured blobs on the grey background of ``video``'s frame at ``t`` seconds."""
+    cap = cv2.VideoCapture(str(video))
+    cap.set(cv2.CAP_PROP_POS_FRAMES, round(t * fps))
+    ok, frame = cap.read()
+    cap.release()
+    assert ok, (video, t)
+    mask = (np.abs(frame.astype(int) - 40).max(axis=2) > 60).astype(np.uint8)
+    n, _, stats, _ = cv2.connectedComponentsWithStats(mask)
+    return int(sum(stats[1:, cv2.CC_STAT_AREA] > 20))
+
+
+def test_the_miniature_generator_counts_what_is_on_screen_and_asks_short_videos_too(tmp_path):
+    """issue 20: --seconds 20 wrote no StreamingBench question; counting answers wrapped at 4."""
+    mb = _make_minibench()
+    assert mb.main(["--out", str(tmp_path / "short"), "--videos", "1", "--seconds", "20", "--size", "64"]) == 0
+    assert len(read_annotations("streamingbench", tmp_path / "short" / "sb.json").events) >= 1
+    assert len(read_annotations("ovo", tmp_path / "short" / "ovo.json").events) >= 3
+
+    out = tmp_path / "long"
+    assert mb.main(["--out", str(out), "--videos", "1", "--seconds", "40", "--every", "10", "--size", "192"]) == 0
+    sb = read_annotations("streamingbench", out / "sb.json")
+    counts = [int(e.answer) for e in sb.events]
+    assert len(counts) == 3 and max(counts) >= 4, counts  # the test would not see a wrap at 4 otherwise
+    assert counts == [_shapes_on_screen(out / "videos" / "mini0.mp4", e.t_seconds, mb.VIDEO_FPS) for e in sb.events]
+    rec = [e for e in read_annotations("ovo", out / "ovo.json").events if e.task == "REC"]
+    assert [int(e.answer) for e in rec] == [_shapes_on_screen(out / "videos" / "mini0.mp4", e.t_seconds, mb.VIDEO_FPS)
+                                            for e in rec]
+
+    for bad in (["--seconds", "20", "--every", "20"], ["--seconds", "600"]):  # no question time; shapes off screen
+        with pytest.raises(SystemExit):
+            mb.main(["--out", str(tmp_path / "bad")] + bad)
 
 
 def test_resets_keep_the_engines_memory_so_a_second_pass_captures_and_allocates_nothing(bench, engine, tmp_path):
