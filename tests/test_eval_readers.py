@@ -103,3 +103,24 @@ def test_an_implausible_rec_count_skips_its_entry(tmp_path):
     assert [(p.index, "implausible" in p.reason and "test_info[1].count" in p.reason) for p in ovo.problems] \
         == [(0, True), (1, True)]
     assert [e.event_id for e in ovo.events] == ["2#0", "2#1"] and len(ovo.events[1].options) == len(LETTERS)
+
+
+@pytest.mark.parametrize("flags, named", [
+    (["--fps", "0"], "--fps"), (["--fps", "nan"], "--fps"), (["--fps", "inf"], "--fps"), (["--fps", "1e-9"], "--fps"),
+    (["--window-frames", "0"], "--window-frames"), (["--chunk-frames", "-1"], "--chunk-frames"),
+    (["--parity", "-1"], "--parity"), (["--generate", "x"], "--generate"), (["--limit", "0"], "--limit"),
+    (["--modes", "bounded", "--budget-tokens", "-5"], "--budget-tokens"),
+    (["--modes", "bounded", "--window-seconds", "0"], "--window-seconds"),
+    (["--modes", "bounded", "--window-seconds", "nan"], "--window-seconds"),
+    (["--modes", "bounded", "--budget-tokens", "900", "--sink-frames", "-1"], "--sink-frames"),
+    (["--modes", "bounded", "--budget-tokens", "900", "--recall-grids", "-2"], "--recall-grids"),
+    (["--modes", "stream,window", "--budget-tokens", "900"], "--budget-tokens"),  # would apply to nothing
+])
+def test_bad_cli_values_are_argparse_errors(flags, named, capsys):
+    from model.eval.__main__ import parse_args
+    base = ["--benchmark", "ovo", "--annotations", "a.json", "--video-root", "."]
+    with pytest.raises(SystemExit) as stop:
+        parse_args(base + flags)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert stop.value.code == 2 and err[-1].startswith("python -m model.eval: error:") and named in err[-1], err
+    assert parse_args(base + ["--modes", "stream,bounded", "--budget-tokens", "900", "--fps", "0.5"]).fps == 0.5

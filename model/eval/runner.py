@@ -25,6 +25,7 @@ from typing import Callable, Optional
 import torch
 from tqdm.auto import tqdm
 
+from ..arguments import check_fps
 from ..config import StreamConfig
 from ..timing import MIB, device_info
 from .events import Annotations, Event, Problem
@@ -47,8 +48,7 @@ class EvalConfig:
 
     def __post_init__(self):
         self.modes = tuple(parse_modes(self.modes if isinstance(self.modes, str) else list(self.modes)))
-        if isinstance(self.fps, bool) or not isinstance(self.fps, (int, float)) or not self.fps > 0:
-            raise ValueError(f"fps must be a positive number, got {self.fps!r}")
+        self.fps = check_fps(self.fps)  # finite, within the engine's range
         for name in ("parity", "generate_tokens"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
