@@ -130,7 +130,7 @@ def test_ovo_run_completes_reports_and_resumes_without_redoing_events(bench, eng
         assert acc["realtime_backward"] == pytest.approx(np.mean(rb))
         assert m["latency_s"]["choice"]["n"] == answerable and m["latency_s"]["letter"]["p95"] > 0
         assert m["ingest"]["frames_per_s"] > 0 and m["memory_mib"]
-    assert summary["modes"]["window"]["latency_with_prefill_s"]["p50"] > 0
+    assert summary["modes"]["window"]["latency_with_prefill_s"]["choice"]["p50"] > 0
     assert {(p["index"], p["video"]) for p in summary["problems"]} == {(7, None), (None, "ovo/missing.mp4")}
     md = Path(paths["markdown"]).read_text()
     assert "| **forward** |" in md and "| REC | 3 |" in md and "entry 7:" in md and "real-time + backward" in md
@@ -206,6 +206,20 @@ def test_cli_runs_a_benchmark_and_names_a_missing_model(bench, tmp_path, monkeyp
     summary = json.loads((tmp_path / "cli" / "report.json").read_text())
     assert summary["completed"] and "generate" in summary["modes"]["stream"]["latency_s"]
     assert all((tmp_path / "cli" / f).exists() for f in ("report.md", "report.png", "run.json"))
+
+    # random weights say so in the report's title and the plot's; the window's latency bar includes its re-prefill
+    from model.eval.report import plot
+    assert "RANDOM WEIGHTS: accuracy meaningless" in (tmp_path / "cli" / "report.md").read_text().splitlines()[0]
+    fig = plot(summary, tmp_path / "plot.png")
+    assert "RANDOM WEIGHTS: accuracy meaningless" in fig.get_suptitle()
+    latency = fig.axes[1]
+    assert [t.get_text() for t in latency.get_xticklabels()] == ["stream", "window\n(incl. re-prefill)"]
+    stream_p50, _, window_p50, window_p95 = [1e-3 * bar.get_height() for bar in latency.patches]
+    window = summary["modes"]["window"]
+    assert window_p50 == pytest.approx(window["latency_with_prefill_s"]["letter"]["p50"])
+    assert window_p95 == pytest.approx(window["latency_with_prefill_s"]["letter"]["p95"])
+    assert window_p50 > window["latency_s"]["letter"]["p50"], "the re-prefill is counted"
+    assert stream_p50 == pytest.approx(summary["modes"]["stream"]["latency_s"]["letter"]["p50"])
 
 
 def test_bounded_mode_streams_under_a_budget_on_its_own_engine(bench, engine, tmp_path):
