@@ -4,6 +4,8 @@
         --model /path/to/Qwen2.5-VL-3B-Instruct --modes stream,window --parity 5 --out eval-ovo
 
 Run it again with the same --out to resume; the report is rewritten from all answers so far.
+A folder holding answers made with other settings is refused (the error names them): use another
+--out, or --force to set those answers aside and start again. One run at a time per folder.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ from .modes import MODES, PLANNED
 from .readers import read_annotations
 from .report import write_report
 from ..loading import DTYPES, load_engine
+from .results import ResultsFolderError
 from .runner import EvalConfig, run_benchmark
 
 
@@ -74,6 +77,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--generate", type=_int_at_least(0), default=0, metavar="TOKENS",
                    help="also answer by generation (up to TOKENS tokens) matched to an option")
     p.add_argument("--out", default=None, help="results folder (default: eval-BENCHMARK)")
+    p.add_argument("--force", action="store_true",
+                   help="--out holds answers made with other settings: set them aside (OUT/replaced-TIME/) "
+                        "and start again")
     p.add_argument("--limit", type=_int_at_least(1), default=None,
                    help="only the first N events of the annotation file")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -121,7 +127,11 @@ def main(argv=None) -> int:
     out = args.out or f"eval-{args.benchmark}"
     print(f"{len(annotations.events)} events from {annotations.entries} entries "
           f"({len(annotations.problems)} skipped), {len(annotations.videos())} videos -> {out}")
-    result = run_benchmark(engine, annotations, args.video_root, out, config, description)
+    try:
+        result = run_benchmark(engine, annotations, args.video_root, out, config, description, force=args.force)
+    except ResultsFolderError as e:  # another run holds the folder, or it holds other settings' answers
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     paths = write_report(out, result)
     print(Path(paths["markdown"]).read_text())
     print(f"report: {paths['markdown']}, {paths['json']}, {paths['png']}")
