@@ -6,11 +6,13 @@ actionable errors. Data: ``tests/minibench.py``.
 """
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from model.eval import EvalConfig, read_annotations
 from model.eval.events import parse_timestamp
-from model.eval.prompts import match_option
+from model.eval.prompts import LETTERS, match_option
 from tests.minibench import OVO_ANNOTATIONS, OVO_EVENTS, write_minibench
 
 
@@ -73,3 +75,52 @@ def test_generated_answers_are_matched_to_options():
     assert match_option("It is dark red.", opts) == 1 and match_option("no idea", opts) is None
     assert match_option("Yes.", ["Yes", "No"]) == 0 and match_option("3 times", [str(i) for i in range(11)]) == 3
     assert match_option("E", opts) is None
+
+
+def test_malformed_timestamps_skip_their_question_only(tmp_path):
+    """issue 20: "nan" was read as NaN (and aborted the run), "inf" as infinity, "-00:01" as 1 s."""
+    stamps = ["nan", "inf", "-00:01", "00:00:1e1", "00:-1:05", "+5", "1_0", "00:00:02"]
+    question = {"task_type": "Counting", "question": "How many?", "options": ["A. 0", "B. 1"], "answer": "A"}
+    (tmp_path / "sb.json").write_text(json.dumps(
+        [{"video_path": "v.mp4", "questions": [{**question, "time_stamp": s} for s in stamps]}]))
+    sb = read_annotations("streamingbench", tmp_path / "sb.json")
+    assert [(e.event_id, e.t_seconds) for e in sb.events] == [("0.7", 2.0)]
+    assert [p.reason.split(":")[0] for p in sb.problems] == [f"question {j}" for j in range(len(stamps) - 1)]
+    assert all("time_stamp" in p.reason for p in sb.problems)
+    for bad in stamps[:-1]:
+        with pytest.raises(ValueError, match="time_stamp"):
+            parse_timestamp(bad)
+
+
+def test_an_implausible_rec_count_skips_its_entry(tmp_path):
+    """issue 20: a REC count of 1,000,000 became a 1,000,001-option question (the run stalled)."""
+    def rec(i, count):
+        return {"id": i, "task": "REC", "video": "v.mp4", "activity": "jump",
+                "test_info": [{"realtime": 1.0, "count": 1}, {"realtime": 2.0, "count": count}]}
+    limit = len(LETTERS) - 1  # options 0..count, one letter each
+    (tmp_path / "ovo.json").write_text(json.dumps([rec(0, 1_000_000), rec(1, limit + 1), rec(2, limit)]))
+    ovo = read_annotations("ovo", tmp_path / "ovo.json")
+    assert [(p.index, "implausible" in p.reason and "test_info[1].count" in p.reason) for p in ovo.problems] \
+        == [(0, True), (1, True)]
+    assert [e.event_id for e in ovo.events] == ["2#0", "2#1"] and len(ovo.events[1].options) == len(LETTERS)
+
+
+@pytest.mark.parametrize("flags, named", [
+    (["--fps", "0"], "--fps"), (["--fps", "nan"], "--fps"), (["--fps", "inf"], "--fps"), (["--fps", "1e-9"], "--fps"),
+    (["--window-frames", "0"], "--window-frames"), (["--chunk-frames", "-1"], "--chunk-frames"),
+    (["--parity", "-1"], "--parity"), (["--generate", "x"], "--generate"), (["--limit", "0"], "--limit"),
+    (["--modes", "bounded", "--budget-tokens", "-5"], "--budget-tokens"),
+    (["--modes", "bounded", "--window-seconds", "0"], "--window-seconds"),
+    (["--modes", "bounded", "--window-seconds", "nan"], "--window-seconds"),
+    (["--modes", "bounded", "--budget-tokens", "900", "--sink-frames", "-1"], "--sink-frames"),
+    (["--modes", "bounded", "--budget-tokens", "900", "--recall-grids", "-2"], "--recall-grids"),
+    (["--modes", "stream,window", "--budget-tokens", "900"], "--budget-tokens"),  # would apply to nothing
+])
+def test_bad_cli_values_are_argparse_errors(flags, named, capsys):
+    from model.eval.__main__ import parse_args
+    base = ["--benchmark", "ovo", "--annotations", "a.json", "--video-root", "."]
+    with pytest.raises(SystemExit) as stop:
+        parse_args(base + flags)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert stop.value.code == 2 and err[-1].startswith("python -m model.eval: error:") and named in err[-1], err
+    assert parse_args(base + ["--modes", "stream,bounded", "--budget-tokens", "900", "--fps", "0.5"]).fps == 0.5

@@ -80,6 +80,8 @@ def test_ovo_run_completes_reports_and_resumes_without_redoing_events(bench, eng
         run_benchmark(engine, ann, root, out, _config(), "tiny", on_record=stop_after(2))
     first = _lines(out)
     assert len(first) == 2 and {r["mode"] for r in first} == {"stream"}
+    jsonl = out / "results.jsonl"
+    jsonl.write_bytes(jsonl.read_bytes().rstrip(b"\n"))  # the last newline lost (an editor, a copy)
 
     spy = Spy(engine)
     result = run_benchmark(engine, ann, root, out, _config(), "tiny")
@@ -111,7 +113,8 @@ def test_ovo_run_completes_reports_and_resumes_without_redoing_events(bench, eng
             assert r[scorer]["index"] == f[scorer]["index"], (r["event_id"], scorer)
             assert np.allclose(r[scorer]["scores"], f[scorer]["scores"], atol=1e-4, rtol=0)
 
-    spy.calls = 0  # a third run has nothing left to do
+    spy.calls = 0  # a third run has nothing left to do (a torn last line, a write cut off, is dropped)
+    jsonl.write_bytes(jsonl.read_bytes() + jsonl.read_bytes()[:40])
     again = run_benchmark(engine, ann, root, out, _config(), "tiny")
     assert again.new_records == 0 and spy.calls == 0 and len(_lines(out)) == 2 * answerable
 
@@ -130,7 +133,7 @@ def test_ovo_run_completes_reports_and_resumes_without_redoing_events(bench, eng
         assert acc["realtime_backward"] == pytest.approx(np.mean(rb))
         assert m["latency_s"]["choice"]["n"] == answerable and m["latency_s"]["letter"]["p95"] > 0
         assert m["ingest"]["frames_per_s"] > 0 and m["memory_mib"]
-    assert summary["modes"]["window"]["latency_with_prefill_s"]["p50"] > 0
+    assert summary["modes"]["window"]["latency_with_prefill_s"]["choice"]["p50"] > 0
     assert {(p["index"], p["video"]) for p in summary["problems"]} == {(7, None), (None, "ovo/missing.mp4")}
     md = Path(paths["markdown"]).read_text()
     assert "| **forward** |" in md and "| REC | 3 |" in md and "entry 7:" in md and "real-time + backward" in md
@@ -207,6 +210,30 @@ def test_cli_runs_a_benchmark_and_names_a_missing_model(bench, tmp_path, monkeyp
     assert summary["completed"] and "generate" in summary["modes"]["stream"]["latency_s"]
     assert all((tmp_path / "cli" / f).exists() for f in ("report.md", "report.png", "run.json"))
 
+    # random weights say so in the report's title and the plot's; the window's latency bar includes its re-prefill
+    from model.eval.report import plot
+    assert "RANDOM WEIGHTS: accuracy meaningless" in (tmp_path / "cli" / "report.md").read_text().splitlines()[0]
+    fig = plot(summary, tmp_path / "plot.png")
+    assert "RANDOM WEIGHTS: accuracy meaningless" in fig.get_suptitle()
+    latency = fig.axes[1]
+    assert [t.get_text() for t in latency.get_xticklabels()] == ["stream", "window\n(incl. re-prefill)"]
+    stream_p50, _, window_p50, window_p95 = [1e-3 * bar.get_height() for bar in latency.patches]
+    window = summary["modes"]["window"]
+    assert window_p50 == pytest.approx(window["latency_with_prefill_s"]["letter"]["p50"])
+    assert window_p95 == pytest.approx(window["latency_with_prefill_s"]["letter"]["p95"])
+    assert window_p50 > window["latency_s"]["letter"]["p50"], "the re-prefill is counted"
+    assert stream_p50 == pytest.approx(summary["modes"]["stream"]["latency_s"]["letter"]["p50"])
+
+    # the same folder with another setting is refused, naming it; --force sets the old answers aside
+    made = (tmp_path / "cli" / "results.jsonl").read_text()
+    assert cli_main(args + ["--limit", "3", "--generate", "2", "--window-frames", "3"]) == 2
+    err = capsys.readouterr().err
+    error = [line for line in err.splitlines() if not line.startswith("!")]
+    assert len(error) == 1 and "modes.window.window_frames: 2 -> 3" in error[0] and "--force" in error[0], err
+    assert (tmp_path / "cli" / "results.jsonl").read_text() == made
+    assert cli_main(args + ["--limit", "1", "--generate", "2", "--window-frames", "3", "--force"]) == 0
+    assert len(_lines(tmp_path / "cli")) == 2 and [p.name for p in (tmp_path / "cli").glob("replaced-*")]
+
 
 def test_bounded_mode_streams_under_a_budget_on_its_own_engine(bench, engine, tmp_path):
     ann = read_annotations("ovo", bench / "ovo.json")
@@ -227,12 +254,19 @@ def test_bounded_mode_streams_under_a_budget_on_its_own_engine(bench, engine, tm
             assert max(abs(a - b) for a, b in zip(r["choice"]["scores"], stream[key]["choice"]["scores"])) <= 1e-4, key
 
 
-def test_the_benchmarks_miniature_generator_writes_both_formats(tmp_path):
-    """benchmarks/make_minibench.py (the GPU row's benchmark): videos that decode, annotations that read."""
+def _make_minibench():
+    """benchmarks/make_minibench.py as a module (benchmarks/ is no package)."""
     import importlib.util
-    spec = importlib.util.spec_from_file_location("make_minibench", Path(__file__).parents[1] / "benchmarks" / "make_minibench.py")
+    spec = importlib.util.spec_from_file_location("make_minibench",
+                                                  Path(__file__).parents[1] / "benchmarks" / "make_minibench.py")
     mb = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mb)
+    return mb
+
+
+def test_the_benchmarks_miniature_generator_writes_both_formats(tmp_path):
+    """benchmarks/make_minibench.py (the GPU row's benchmark): videos that decode, annotations that read."""
+    mb = _make_minibench()
     assert mb.main(["--out", str(tmp_path), "--videos", "2", "--seconds", "8", "--size", "64", "--every", "4"]) == 0
     ovo = read_annotations("ovo", tmp_path / "ovo.json")
     sb = read_annotations("streamingbench", tmp_path / "sb.json")
@@ -243,6 +277,40 @@ def test_the_benchmarks_miniature_generator_writes_both_formats(tmp_path):
     cap = cv2.VideoCapture(str(tmp_path / "videos" / "mini1.mp4"))
     assert cap.isOpened() and int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) == 8 * mb.VIDEO_FPS
     cap.release()
+
+
+def _shapes_on_screen(video: Path, t: float, fps: int) -> int:
+    """Coloured blobs on the grey background of ``video``'s frame at ``t`` seconds."""
+    cap = cv2.VideoCapture(str(video))
+    cap.set(cv2.CAP_PROP_POS_FRAMES, round(t * fps))
+    ok, frame = cap.read()
+    cap.release()
+    assert ok, (video, t)
+    mask = (np.abs(frame.astype(int) - 40).max(axis=2) > 60).astype(np.uint8)
+    n, _, stats, _ = cv2.connectedComponentsWithStats(mask)
+    return int(sum(stats[1:, cv2.CC_STAT_AREA] > 20))
+
+
+def test_the_miniature_generator_counts_what_is_on_screen_and_asks_short_videos_too(tmp_path):
+    """issue 20: --seconds 20 wrote no StreamingBench question; counting answers wrapped at 4."""
+    mb = _make_minibench()
+    assert mb.main(["--out", str(tmp_path / "short"), "--videos", "1", "--seconds", "20", "--size", "64"]) == 0
+    assert len(read_annotations("streamingbench", tmp_path / "short" / "sb.json").events) >= 1
+    assert len(read_annotations("ovo", tmp_path / "short" / "ovo.json").events) >= 3
+
+    out = tmp_path / "long"
+    assert mb.main(["--out", str(out), "--videos", "1", "--seconds", "40", "--every", "10", "--size", "192"]) == 0
+    sb = read_annotations("streamingbench", out / "sb.json")
+    counts = [int(e.answer) for e in sb.events]
+    assert len(counts) == 3 and max(counts) >= 4, counts  # the test would not see a wrap at 4 otherwise
+    assert counts == [_shapes_on_screen(out / "videos" / "mini0.mp4", e.t_seconds, mb.VIDEO_FPS) for e in sb.events]
+    rec = [e for e in read_annotations("ovo", out / "ovo.json").events if e.task == "REC"]
+    assert [int(e.answer) for e in rec] == [_shapes_on_screen(out / "videos" / "mini0.mp4", e.t_seconds, mb.VIDEO_FPS)
+                                            for e in rec]
+
+    for bad in (["--seconds", "20", "--every", "20"], ["--seconds", "600"]):  # no question time; shapes off screen
+        with pytest.raises(SystemExit):
+            mb.main(["--out", str(tmp_path / "bad")] + bad)
 
 
 def test_resets_keep_the_engines_memory_so_a_second_pass_captures_and_allocates_nothing(bench, engine, tmp_path):
@@ -258,3 +326,134 @@ def test_resets_keep_the_engines_memory_so_a_second_pass_captures_and_allocates_
     answers = lambda r: [(x["event_id"], x["mode"], x["choice"]["scores"], x["letter"]["scores"]) for x in r.records]  # noqa: E731
     assert answers(first) == answers(second)  # a kept-memory reset changes no answer
     assert all(x["memory_mib"]["cache"] > 0 for x in second.records), [(x["mode"], x["memory_mib"]) for x in second.records]
+
+
+# ------------------------------------------------------------------ the results folder (issue 20)
+
+def test_a_folder_answered_with_other_settings_is_refused_naming_them_or_set_aside_with_force(bench, engine,
+                                                                                            tmp_path):
+    ann = read_annotations("ovo", bench / "ovo.json", limit=2)
+    root, out = bench / "videos_root", tmp_path / "budget"
+    at = lambda tokens: _config(modes="bounded", budget={"cache_budget_tokens": tokens})  # noqa: E731
+    assert run_benchmark(engine, ann, root, out, at(1500), "tiny").new_records == 2
+    made = (out / "results.jsonl").read_text()
+    with pytest.raises(ValueError, match=r"modes\.bounded\.cache_budget_tokens: 1500 -> 900.*--force"):
+        run_benchmark(engine, ann, root, out, at(900), "tiny")
+    assert (out / "results.jsonl").read_text() == made, "a refused run writes nothing"
+    assert json.loads((out / "run.json").read_text())["answer"]["modes"]["bounded"]["cache_budget_tokens"] == 1500
+
+    forced = run_benchmark(engine, ann, root, out, at(900), "tiny", force=True)
+    assert forced.completed and forced.new_records == 2 and len(_lines(out)) == 2, "answered again at 900"
+    assert json.loads((out / "run.json").read_text())["answer"]["modes"]["bounded"]["cache_budget_tokens"] == 900
+    aside = list(out.glob("replaced-*"))
+    assert len(aside) == 1 and (aside[0] / "results.jsonl").read_text() == made, "the 1500 answers are kept aside"
+    assert run_benchmark(engine, ann, root, out, at(900), "tiny").new_records == 0, "same settings: resumed"
+
+
+def test_the_resume_key_holds_every_setting_that_changes_an_answer(tiny):
+    import copy
+    from model.eval.results import settings_diff
+    from model.eval.runner import answer_settings
+
+    base = _config(modes="stream,window,bounded", budget={"video_window_seconds": 1.0})
+    key = answer_settings(VideoStreamInference(*tiny), base, "ovo", "tiny")
+    changed = {  # setting -> the dotted names the diff must give
+        "fps": (dict(fps=1.0), "fps"),
+        "chunk": (dict(chunk_frames=4), "modes.stream.chunk_frames"),
+        "window": (dict(window_frames=4), "modes.window.window_frames"),
+        "budget": (dict(budget={"video_window_seconds": 2.0}), "modes.bounded.video_window_seconds"),
+        "sink": (dict(budget={"video_window_seconds": 1.0, "sink_frames": 4}), "modes.bounded.sink_frames"),
+        "recall": (dict(budget={"video_window_seconds": 1.0, "recall_grids": 1}), "modes.bounded.recall_grids"),
+        "generate": (dict(generate_tokens=3), "scorers"),
+        "modes": (dict(modes="stream,bounded"), "modes.window"),
+    }
+    for what, (kw, name) in changed.items():
+        diff = settings_diff(key, answer_settings(VideoStreamInference(*tiny), _config(**{**vars(base), **kw}),
+                                                  "ovo", "tiny"))
+        assert any(d.startswith(name + ":") for d in diff), (what, diff)
+    assert settings_diff(key, answer_settings(VideoStreamInference(*tiny), _config(**{**vars(base), "parity": 3}),
+                                              "ovo", "tiny")) == [], "parity checks change no answer"
+    assert [d.split(":")[0] for d in settings_diff(key, answer_settings(VideoStreamInference(*tiny), base,
+                                                                        "streamingbench", "other"))] \
+        == ["benchmark", "model"]
+    other = copy.deepcopy(tiny[0])
+    with torch.no_grad():
+        next(other.parameters()).view(-1)[0] += 1.0
+    assert [d.split(":")[0] for d in settings_diff(key, answer_settings(VideoStreamInference(other, tiny[1]), base,
+                                                                        "ovo", "tiny"))] == ["weights"]
+    diff = settings_diff(key, answer_settings(VideoStreamInference(other.to(torch.float64), tiny[1]), base,
+                                              "ovo", "tiny"))
+    assert {d.split(":")[0] for d in diff} == {"weights", "dtype"}
+    assert {"prompts", "versions", "stream_config", "device"} <= key.keys()
+
+
+def test_a_changed_annotation_file_under_the_same_event_ids_is_refused(tmp_path):
+    from model.eval.results import ResultsFolderError, ResultStore
+    record = {"event_id": "0.0", "mode": "stream", "video": "a.mp4", "t": 2.0, "task": "Counting",
+              "answer_index": 1, "n_options": 4}
+    same = {"0.0": {k: record[k] for k in ("video", "t", "task", "answer_index", "n_options")}}
+    with ResultStore(tmp_path, {"fps": 2.0}, questions=same) as store:
+        store.append(record)
+    with ResultStore(tmp_path, {"fps": 2.0}, questions=same) as store:
+        assert store.is_done("stream", "0.0")
+    moved = {"0.0": {**same["0.0"], "t": 3.0}}
+    with pytest.raises(ResultsFolderError, match=r"event '0\.0' was answered for another question \(t 2\.0 -> 3\.0\)"):
+        ResultStore(tmp_path, {"fps": 2.0}, questions=moved)
+    (tmp_path / "run.json").unlink()
+    with pytest.raises(ResultsFolderError, match="run.json is missing"):
+        ResultStore(tmp_path, {"fps": 2.0}, questions=same)
+
+
+def test_a_torn_last_line_is_dropped_and_a_missing_newline_added_before_appending(tmp_path, capsys):
+    from model.eval.results import ResultStore
+    path = tmp_path / "results.jsonl"
+    rec = lambda eid: {"event_id": eid, "mode": "stream", "t": 1.0}  # noqa: E731
+    with ResultStore(tmp_path, {}) as store:
+        store.append(rec("a"))
+        store.append(rec("b"))
+    path.write_bytes(path.read_bytes()[:-1])  # "b" without its newline
+    with ResultStore(tmp_path, {}) as store:
+        assert [r["event_id"] for r in store.records] == ["a", "b"]
+        store.append(rec("c"))
+    assert "missing newline" in capsys.readouterr().out
+    path.write_bytes(path.read_bytes() + b'{"event_id": "d", "mo')  # a kill during a write
+    with ResultStore(tmp_path, {}) as store:
+        assert [r["event_id"] for r in store.records] == ["a", "b", "c"]
+        store.append(rec("d"))
+    assert "dropping a half-written last line" in capsys.readouterr().out
+    assert [json.loads(line)["event_id"] for line in path.read_text().splitlines()] == ["a", "b", "c", "d"]
+
+
+def test_one_run_at_a_time_per_folder_and_a_dead_runs_lock_does_not_block(bench, engine, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    out = tmp_path / "locked"
+    ann = read_annotations("streamingbench", bench / "sb.json", limit=1)
+    refused = []
+
+    def second_run(record):  # while the run writes the folder, another one on it is refused
+        with pytest.raises(ValueError, match=rf"{out} is in use by another run \(pid {os.getpid()}"):
+            run_benchmark(engine, ann, bench / "videos_root", out, _config(modes="stream"), "tiny")
+        refused.append(record["event_id"])
+
+    result = run_benchmark(engine, ann, bench / "videos_root", out, _config(modes="stream"), "tiny",
+                           on_record=second_run)
+    assert result.completed and refused == ["0.0"] and len(_lines(out)) == 1, "no duplicate was written"
+
+    from model.eval.results import ResultsFolderError, ResultStore
+    held = tmp_path / "held"  # a run in another process, killed while it holds its folder
+    script = ("import sys, time\nfrom model.eval.results import ResultStore\n"
+              "s = ResultStore(sys.argv[1], {})\nprint('held', flush=True)\ntime.sleep(120)")
+    holder = subprocess.Popen([sys.executable, "-c", script, str(held)], stdout=subprocess.PIPE, text=True,
+                              cwd=Path(__file__).parents[1])
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(ResultsFolderError, match=rf"pid {holder.pid}\b"):
+            ResultStore(held, {})
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    with ResultStore(held, {}) as store:  # the kernel released the dead process's lock: no wait, no cleanup
+        assert store.records == []

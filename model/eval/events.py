@@ -6,6 +6,8 @@ times is five events (``<id>#0`` .. ``<id>#4``).
 """
 from __future__ import annotations
 
+import math
+import re
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -90,19 +92,28 @@ class Annotations:
 
 
 def parse_timestamp(text: str) -> float:
-    """ "HH:MM:SS", "MM:SS" or "SS" (fractions allowed in the last field) -> seconds."""
+    """ "HH:MM:SS", "MM:SS" or "SS" (fractions allowed in the last field) -> seconds.
+
+    Each field is plain digits (no sign, no "nan"/"inf", no exponent): anything else raises ValueError.
+    """
     if not isinstance(text, str) or not text.strip():
         raise ValueError(f"time_stamp must be a string like '00:03:10', got {text!r}")
+    shown = text if len(text) <= 40 else text[:37] + "..."
     parts = text.strip().split(":")
     if len(parts) > 3:
-        raise ValueError(f"time_stamp {text!r} has more than three fields; expected HH:MM:SS")
-    try:
-        values = [float(p) for p in parts]
-    except ValueError:
-        raise ValueError(f"time_stamp {text!r} is not HH:MM:SS") from None
-    if any(v < 0 for v in values) or any(v >= 60 for v in values[1:]):
-        raise ValueError(f"time_stamp {text!r} is out of range; expected HH:MM:SS with MM, SS < 60")
+        raise ValueError(f"time_stamp {shown!r} has more than three fields; expected HH:MM:SS")
+    if not all(_FIELD.fullmatch(p) for p in parts[:-1]) or not _LAST_FIELD.fullmatch(parts[-1]):
+        raise ValueError(f"time_stamp {shown!r} is not HH:MM:SS (digits only, a fraction in the last field)")
+    values = [float(p) for p in parts]
+    if any(v >= 60 for v in values[1:]):
+        raise ValueError(f"time_stamp {shown!r} is out of range; expected HH:MM:SS with MM, SS < 60")
     seconds = 0.0
     for v in values:
         seconds = seconds * 60 + v
+    if not math.isfinite(seconds):
+        raise ValueError(f"time_stamp {shown!r} is out of range")
     return seconds
+
+
+_FIELD = re.compile(r"[0-9]+")
+_LAST_FIELD = re.compile(r"[0-9]+(?:\.[0-9]+)?")

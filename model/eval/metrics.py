@@ -16,6 +16,7 @@ from typing import Iterable, Optional
 import numpy as np
 
 from .events import CATEGORIES, OVO, Event
+from .modes import MODES
 from .scoring import SCORERS
 
 SHARED_CALL = {"choice_norm": "choice"}  # scorers read from another scorer's call (timed once)
@@ -48,8 +49,9 @@ def summarize(benchmark: str, records: list[dict], events: list[Event], modes: I
             "total_s": total_seconds(recs, scorers),
             "memory_mib": peak_memory(recs),
         }
-        if mode in ("window", "reprefill") and "choice" in scorers:  # the answer waits for its re-prefill
-            out[mode]["latency_with_prefill_s"] = percentiles([r["ingest_s"] + r["choice"]["s"] for r in recs])
+        if mode in MODES and MODES[mode].reprefills:  # each answer waits for its re-prefill: count it
+            out[mode]["latency_with_prefill_s"] = {s: percentiles([r["ingest_s"] + r[s]["s"] for r in recs])
+                                                   for s in scorers if s not in SHARED_CALL}
     return out
 
 

@@ -32,6 +32,7 @@ PLANNED: dict = {}  # modes named but not available yet: name -> why
 
 class Mode:
     name = "?"
+    reprefills = False  # True: every question waits for a re-prefill (its ``advance``), part of its latency
 
     def start_video(self, engine) -> None:
         engine.reset(keep_memory=True)
@@ -88,6 +89,7 @@ class WindowMode(Mode):
     """Reset and re-prefill the last ``window_frames`` frames (None: all) at every question."""
 
     name = "window"
+    reprefills = True
 
     def __init__(self, window_frames: Optional[int] = 16):
         self.window_frames = None if window_frames is None else _positive_int(window_frames, "window_frames")

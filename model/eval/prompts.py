@@ -6,6 +6,7 @@ project's own; replace the templates here to reproduce a paper's exact prompt.
 """
 from __future__ import annotations
 
+import hashlib
 import re
 from typing import Optional, Sequence
 
@@ -14,6 +15,7 @@ from .events import OVO
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 YES_NO = ("Yes", "No")  # answer_index 0 = the probe's type 1 ("yes"), 1 = type 0
 REC_MAX_COUNT = 10  # REC options are the counts 0..max(10, the probe's count)
+REC_COUNT_LIMIT = len(LETTERS) - 1  # a larger count is refused: its options 0..count could not be lettered
 
 REC_QUESTION = ("People in this video may repeat one kind of action; 'they' means whoever performs it. "
                 "Counting every complete motion by anyone, how many times did they {activity} so far?")
@@ -26,6 +28,14 @@ OVO_INSTRUCTION = "Respond only with the letter of the correct option."
 STREAMINGBENCH_PREAMBLE = ("You are watching a video as it streams. Answer the multiple-choice question about "
                            "what you have seen so far with the letter of the best option.")
 STREAMINGBENCH_CUE = "The best option is:"
+
+
+def prompts_fingerprint() -> str:
+    """A hash of every text this file makes the model read (part of a results folder's resume key)."""
+    sample = ["q?", ["first", "second"]]
+    texts = [REC_QUESTION, SSR_QUESTION, CRR_QUESTION, repr(YES_NO), str(REC_MAX_COUNT), repr(LETTERS),
+             letter_prompt(OVO, *sample), letter_prompt("streamingbench", *sample)]
+    return hashlib.sha256("\0".join(texts).encode()).hexdigest()[:16]
 
 
 def letters(n: int) -> list[str]:

@@ -18,7 +18,7 @@ import re
 from typing import Any, Callable, Optional
 
 from .events import OVO, OVO_TASKS, STREAMINGBENCH, Annotations, Event, Problem, category_of, parse_timestamp
-from .prompts import CRR_QUESTION, LETTERS, REC_MAX_COUNT, REC_QUESTION, SSR_QUESTION, YES_NO
+from .prompts import CRR_QUESTION, LETTERS, REC_COUNT_LIMIT, REC_MAX_COUNT, REC_QUESTION, SSR_QUESTION, YES_NO
 
 _LETTER_PREFIX = re.compile(r"^\s*[A-Z]\s*[.)]\s*")
 
@@ -113,6 +113,9 @@ def _forward_probe(task: str, entry: dict, probe: dict, k: int) -> tuple[str, li
         count = probe.get("count")
         if isinstance(count, bool) or not isinstance(count, int) or count < 0:
             raise ValueError(f"test_info[{k}].count must be an int >= 0, got {count!r}")
+        if count > REC_COUNT_LIMIT:
+            raise ValueError(f"test_info[{k}].count {count} is implausible: the options are the counts "
+                             f"0..max({REC_MAX_COUNT}, count), one letter each, so at most {REC_COUNT_LIMIT}")
         options = [str(c) for c in range(max(REC_MAX_COUNT, count) + 1)]
         return REC_QUESTION.format(activity=activity), options, count
     kind = probe.get("type")

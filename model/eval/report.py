@@ -14,12 +14,14 @@ from .runner import RunResult
 SCORER_TITLES = {"choice": "option text (sum)", "choice_norm": "option text (mean)", "letter": "option letter",
                  "generate": "generated"}
 PLOT_SCORER = "letter"  # the convention LiveCC and StreamingVLM report
+RANDOM_WEIGHTS = "RANDOM WEIGHTS: accuracy meaningless"
 
 
 def build_summary(result: RunResult) -> dict:
     s = result.settings
     return {
         "benchmark": s["benchmark"], "model": s.get("model", ""), "settings": s,
+        "random_weights": bool(s.get("random_weights", s.get("model", "").startswith("random"))),
         "completed": result.completed, "wall_s": result.wall_s, "decode_s": result.decode_s,
         "new_records": result.new_records, "events": len(result.events),
         "videos_decoded": len(result.decoded), "frames_decoded": sum(result.decoded.values()),
@@ -44,13 +46,15 @@ def write_report(out_dir: str | os.PathLike, result: RunResult) -> dict:
 
 def markdown(summary: dict) -> str:
     s = summary["settings"]
-    lines = [f"# {'OVO-Bench' if summary['benchmark'] == OVO else 'StreamingBench'}: streaming evaluation", ""]
-    if summary["model"].startswith("random"):
+    title = f"# {'OVO-Bench' if summary['benchmark'] == OVO else 'StreamingBench'}: streaming evaluation"
+    lines = [title + (f" ({RANDOM_WEIGHTS})" if summary["random_weights"] else ""), ""]
+    if summary["random_weights"]:
         lines += ["> **RANDOM WEIGHTS**: accuracies are meaningless; timings are real.", ""]
     lines += [f"- model: {summary['model'] or '?'}; device: {s['device'].get('card')}; "
               f"transformers {s['device'].get('transformers')}",
               f"- fps {s['fps']}; modes {', '.join(s['modes'])}; window {s['window_frames']} frames; "
-              f"stream chunks of {s['chunk_frames']} frames; parity {s['parity']} events",
+              f"stream chunks of {s['chunk_frames']} frames; parity {s['parity']} events"
+              + (f"; bounded budget {_budget(s['budget'])}" if "bounded" in s["modes"] and s.get("budget") else ""),
               f"- this run: {summary['new_records']} answers in {summary['wall_s']:.1f} s "
               f"(decoding {summary['videos_decoded']} videos, {summary['frames_decoded']} frames: "
               f"{summary['decode_s']:.1f} s); {'completed' if summary['completed'] else 'PARTIAL (stopped)'}",
@@ -96,8 +100,8 @@ def _speed_table(modes: dict) -> list[str]:
              "ingest frames/s | total s | peak memory (MiB) |", "|---|---:|---|---|---:|---:|---|"]
     for mode, m in modes.items():
         ttft = "; ".join(f"{SCORER_TITLES[s]} {_ms(v['p50'])} / {_ms(v['p95'])}" for s, v in m["latency_s"].items())
-        pre = m.get("latency_with_prefill_s")
-        pre = f"{_ms(pre['p50'])} / {_ms(pre['p95'])}" if pre else "-"
+        pre = "; ".join(f"{SCORER_TITLES[s]} {_ms(v['p50'])} / {_ms(v['p95'])}"
+                        for s, v in m.get("latency_with_prefill_s", {}).items()) or "-"
         fps = m["ingest"]["frames_per_s"]
         fps = "-" if fps is None else f"{fps:.1f}"
         mem = ", ".join(f"{k} {v:.0f}" for k, v in m["memory_mib"].items()) or "-"
@@ -132,31 +136,39 @@ def _ms(x) -> str:
     return "-" if x is None else f"{1000 * x:.1f}"
 
 
+def _budget(budget: dict) -> str:
+    return ", ".join(f"{k} {v}" for k, v in budget.items() if v is not None)
+
+
 # ------------------------------------------------------------------ PNG
 
-def plot(summary: dict, path: str | os.PathLike) -> None:
+def plot(summary: dict, path: str | os.PathLike):
     """Accuracy per task, category and overall by mode (letter scorer, or the first available), and
-    answer latency (p50, p95) by mode."""
+    answer latency (p50, p95) by mode: a mode that re-prefills per question is timed with its
+    re-prefill (and labelled so). Random weights say so in the title. Returns the (closed) figure."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     modes = summary["modes"]
-    fig, (ax_acc, ax_lat) = plt.subplots(1, 2, figsize=(13, 4.5), gridspec_kw={"width_ratios": [3, 1]})
+    fig, (ax_acc, ax_lat) = plt.subplots(1, 2, figsize=(13, 4.8), gridspec_kw={"width_ratios": [3, 1]})
     tasks = sorted({t for m in modes.values() for a in m["accuracy"].values() for t in a["tasks"]})
     cats = list(dict.fromkeys(c for m in modes.values() for a in m["accuracy"].values() for c in a["categories"]))
     labels = tasks + [f"[{c}]" for c in cats] + ["OVERALL"]
     width = 0.8 / max(1, len(modes))
+    ticks = []
     for k, (mode, m) in enumerate(modes.items()):
         scorer = PLOT_SCORER if PLOT_SCORER in m["accuracy"] else next(iter(m["accuracy"]), None)
+        with_prefill = "latency_with_prefill_s" in m
+        ticks.append(f"{mode}\n(incl. re-prefill)" if with_prefill else mode)
         if scorer is None:
             continue
         acc = m["accuracy"][scorer]
         values = ([acc["tasks"].get(t, {}).get("acc", 0.0) for t in tasks]
                   + [acc["categories"].get(c, {}).get("acc", 0.0) for c in cats] + [acc["overall"] or 0.0])
         ax_acc.bar([i + k * width for i in range(len(labels))], values, width, label=f"{mode} ({scorer})")
-        lat = m["latency_s"].get(scorer)
+        lat = m["latency_with_prefill_s" if with_prefill else "latency_s"].get(scorer)
         if lat and lat["p50"] is not None:
             ax_lat.bar([k - 0.2], [1000 * lat["p50"]], 0.4, color="C0", label="p50" if k == 0 else None)
             ax_lat.bar([k + 0.2], [1000 * lat["p95"]], 0.4, color="C1", label="p95" if k == 0 else None)
@@ -165,10 +177,13 @@ def plot(summary: dict, path: str | os.PathLike) -> None:
     ax_acc.set_ylim(0, 100)
     ax_acc.set_title(f"{summary['benchmark']}: accuracy per task, category and overall")
     ax_acc.legend(fontsize=8)
-    ax_lat.set_xticks(range(len(modes)), list(modes))
+    ax_lat.set_xticks(range(len(modes)), ticks, fontsize=8)
     ax_lat.set_ylabel("answer latency (ms)")
-    ax_lat.set_title("TTFT per answer")
+    ax_lat.set_title("time to answer (TTFT, + re-prefill where marked)", fontsize=9)
     ax_lat.legend(fontsize=8)
+    if summary.get("random_weights"):
+        fig.suptitle(f"{RANDOM_WEIGHTS} (timings are real)", color="red", fontweight="bold")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return fig

@@ -11,11 +11,16 @@ video and mode, so no answer waits for a graph capture after the warm-up), advan
 only the frames that arrived since the last question), answer with every scorer (each call
 rolls back), append the record. Events already in ``OUT/results.jsonl`` are skipped, so an
 interrupted run resumes where it stopped (the stream mode re-ingests the video up to the
-first unanswered event).
+first unanswered event). Only answers made with the same answer settings (``answer_settings``:
+model, weights, dtype, fps, each mode's settings, scorers, prompts, versions) are resumed; the
+folder is locked while a run writes it (results.py).
 """
 from __future__ import annotations
 
+import hashlib
+import importlib.metadata
 import os
+import re
 import resource
 import sys
 import time
@@ -23,15 +28,21 @@ from dataclasses import asdict, dataclass, field
 from typing import Callable, Optional
 
 import torch
+import transformers
 from tqdm.auto import tqdm
 
+from ..arguments import check_fps
 from ..config import StreamConfig
 from ..timing import MIB, device_info
 from .events import Annotations, Event, Problem
 from .modes import frames_up_to, make_mode, parse_modes
-from .results import ResultStore
-from .scoring import answer_event, parity_check
+from .prompts import prompts_fingerprint
+from .results import QUESTION_FIELDS, ResultStore
+from .scoring import SCORERS, answer_event, parity_check
 from .videos import decode_video, resolve_video, video_candidates
+
+
+BUDGET_FIELDS = ("cache_budget_tokens", "video_window_seconds", "sink_frames", "recall_grids")
 
 
 @dataclass
@@ -47,8 +58,7 @@ class EvalConfig:
 
     def __post_init__(self):
         self.modes = tuple(parse_modes(self.modes if isinstance(self.modes, str) else list(self.modes)))
-        if isinstance(self.fps, bool) or not isinstance(self.fps, (int, float)) or not self.fps > 0:
-            raise ValueError(f"fps must be a positive number, got {self.fps!r}")
+        self.fps = check_fps(self.fps)  # finite, within the engine's range
         for name in ("parity", "generate_tokens"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
@@ -75,19 +85,88 @@ class RunResult:
     parity_done: int = 0  # records with a parity check (earlier runs included)
 
 
+def answer_settings(engine, config: EvalConfig, benchmark: str, model_description: str = "") -> dict:
+    """Every setting that changes an answer: the results folder's resume key (``OUT/run.json``, "answer").
+
+    Not in it: what changes no answer (parity checks, --limit, the video root, progress bars, the card).
+    """
+    modes = {}
+    for name in config.modes:
+        described = make_mode(name, config.chunk_frames, config.window_frames, config.budget).describe()
+        described.pop("mode")
+        if name == "bounded":  # the budget as the bounded engine gets it (defaults filled in)
+            bounded = engine.config.replace(**config.budget)
+            described.update({k: getattr(bounded, k) for k in (*BUDGET_FIELDS, *config.budget)})
+        modes[name] = described
+    return {
+        "benchmark": benchmark,
+        "model": model_description,
+        "weights": weights_fingerprint(engine.model),
+        "dtype": str(engine.model.dtype).replace("torch.", ""),
+        "device": engine.model.device.type,
+        "stream_config": asdict(engine.config),  # the engine's own settings (kernels, graphs, chunking)
+        "fps": config.fps,
+        "modes": modes,
+        "scorers": [s for s in SCORERS if s != "generate"] + (["generate"] if config.generate_tokens else []),
+        "generate_tokens": config.generate_tokens,
+        "prompts": prompts_fingerprint(),
+        "versions": {"library": library_version(), "torch": torch.__version__,
+                     "transformers": transformers.__version__},
+    }
+
+
+def weights_fingerprint(model) -> str:
+    """A hash of the first 256 values of every weight tensor: tells checkpoints (and random seeds)
+    apart without reading every weight."""
+    with torch.no_grad():
+        head = torch.cat([p.detach().reshape(-1)[:256].float() for p in model.parameters()])
+    return hashlib.sha256(head.cpu().numpy().tobytes()).hexdigest()[:16]
+
+
+def is_random_weights(engine, model_description: str = "") -> bool:
+    """Whether the model answering has random weights: ``load_engine`` says "random-weight ..."; a
+    model built from a config alone (not ``from_pretrained``) has no ``name_or_path``."""
+    return model_description.startswith("random") or getattr(engine.model.config, "name_or_path", None) == ""
+
+
+def library_version() -> str:
+    """This library's version: its pyproject.toml in a source checkout, else the installed package's."""
+    pyproject = os.path.join(os.path.dirname(__file__), "..", "..", "pyproject.toml")
+    if os.path.isfile(pyproject):
+        with open(pyproject, encoding="utf-8") as f:
+            found = re.search(r'^version\s*=\s*"([^"]+)"', f.read(), re.MULTILINE)
+        if found:
+            return found.group(1)
+    try:
+        return importlib.metadata.version("qwen-video-stream")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
 def run_benchmark(engine, annotations: Annotations, video_root: Optional[str | os.PathLike], out_dir: str | os.PathLike,
                   config: Optional[EvalConfig] = None, model_description: str = "",
-                  on_record: Optional[Callable[[dict], None]] = None) -> RunResult:
+                  on_record: Optional[Callable[[dict], None]] = None, force: bool = False) -> RunResult:
     """Answer every event of ``annotations`` in every mode of ``config``; resumable (see module doc).
 
     ``on_record(record)`` is called after each record is written (progress hooks; an exception
     raised there stops the run, and the next run resumes after that record). Ctrl-C stops the
     run too, but returns the result (``completed=False``) so that the report can still be written.
+    ``out_dir`` holding answers made with other answer settings raises ValueError naming them;
+    ``force=True`` sets those answers aside instead and starts again.
     """
     config = config or EvalConfig()
+    answer = answer_settings(engine, config, annotations.benchmark, model_description)
     settings = {"benchmark": annotations.benchmark, "video_root": str(video_root), "model": model_description,
+                "random_weights": is_random_weights(engine, model_description), "dtype": answer["dtype"],
                 **{k: v for k, v in asdict(config).items() if k != "progress"}, "device": device_info()}
-    store = ResultStore(out_dir, settings)
+    questions = {e.event_id: dict(zip(QUESTION_FIELDS, (e.video, e.t_seconds, e.task, e.answer_index, len(e.options))))
+                 for e in annotations.events}
+    with ResultStore(out_dir, answer, settings, questions, force) as store:
+        return _run(engine, annotations, video_root, config, settings, store, on_record)
+
+
+def _run(engine, annotations: Annotations, video_root, config: EvalConfig, settings: dict, store: ResultStore,
+         on_record) -> RunResult:
     result = RunResult(settings, store.records, list(annotations.events), list(annotations.problems),
                        parity_done=sum("parity" in r for r in store.records))
     for p in annotations.problems:
