@@ -24,7 +24,7 @@ import threading
 from .config import BUDGET_STATS, add_budget_arguments, budget_config
 from .cli_questions import Question, parse_typed, read_questions
 from .live import LiveStream
-from .sources import URL_SCHEMES, open_video
+from .sources import URL_SCHEMES, masked_url, open_video
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -55,7 +55,7 @@ def parse_source(text: str):
     if text.isdigit():
         return int(text)
     if not text.lower().startswith(URL_SCHEMES) and not os.path.exists(text):
-        raise ValueError(f"Cannot open video: {text}: no such file (a camera is a number, a stream a URL)")
+        raise ValueError(f"Cannot open video: {masked_url(text)}: no such file (a camera is a number, a stream a URL)")
     return text
 
 
@@ -195,7 +195,7 @@ def write_json(path: str, meta: dict, records: list) -> None:
 
 def run_meta(args, live: LiveStream, engine, description: str, skipped: list, error) -> dict:
     p, src = live.progress, live.source
-    return {"source": src.source if src else args.source, "source_fps": src.source_fps if src else None,
+    return {"source": src.source if src else masked_url(args.source), "source_fps": src.source_fps if src else None,
             "fps": live.fps, "chunk": live.chunk, "realtime": args.realtime, "max_seconds": args.max_seconds,
             "model": description, "max_new_tokens": args.max_new_tokens,
             "mode": "scripted" if args.questions else "interactive",

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from .arguments import check_fps
-from .sources import EPS, VideoSource, open_video
+from .sources import EPS, VideoSource, masked_url, open_video
 
 
 @dataclass(frozen=True)
@@ -282,4 +282,5 @@ class LiveStream:
 
     def __repr__(self) -> str:
         name = self._source.source if self._source is not None else self._open_args[0]
+        name = masked_url(name) if isinstance(name, str) else name
         return f"LiveStream({name!r}, chunk={self.chunk}, fps={self.fps}, {self.progress})"

@@ -11,13 +11,45 @@ from __future__ import annotations
 
 import numbers
 import os
+import re
 import time
 from typing import Callable, Optional
+from urllib.parse import unquote_plus, urlsplit, urlunsplit
 
 # EPS, VideoSource and VideoSourceWarning are part of this module's API (re-exported)
 from .video_source import EPS, IterableSource, VideoSource, VideoSourceWarning, check_rate  # noqa: F401
 
 URL_SCHEMES = ("rtsp://", "rtsps://", "rtmp://", "http://", "https://", "udp://", "tcp://", "srt://")
+# query (or fragment) parameters whose values are masked: password, passwd, pwd, token, api_key, secret, auth,
+# signature (sig), credential, in any case and as part of a longer name (access_token, X-Amz-Signature)
+SECRET_PARAMETER = re.compile(r"pass|pwd|^pw$|token|key|secret|auth|sig|credential", re.IGNORECASE)
+
+
+def masked_url(text: str) -> str:
+    """``text`` fit for messages and logs: a URL's password (``user:***@host``) and the values of its
+    query and fragment parameters whose names look secret (``?password=***``, ``api_key``, ``access_token``)
+    masked. Text without ``://`` (a path) is returned as it is; a URL that cannot be parsed is hidden
+    after its scheme."""
+    if "://" not in text:
+        return text
+    try:
+        parts = urlsplit(text)
+        netloc = parts.netloc
+        if parts.password is not None:
+            user = netloc.rsplit("@", 1)[0].split(":", 1)[0]
+            netloc = f"{user}:***@{netloc.rsplit('@', 1)[1]}"
+    except ValueError:
+        return text.split("://", 1)[0] + "://*** (a URL that cannot be parsed)"
+    masked = parts._replace(netloc=netloc, query=_masked_parameters(parts.query),
+                            fragment=_masked_parameters(parts.fragment))
+    return text if masked == parts else urlunsplit(masked)
+
+
+def _masked_parameters(query: str) -> str:
+    def one(pair: str) -> str:
+        name, eq, _ = pair.partition("=")
+        return f"{name}=***" if eq and SECRET_PARAMETER.search(unquote_plus(name)) else pair
+    return "&".join(one(pair) for pair in query.split("&")) if query else query
 
 
 def open_video(source, fps: Optional[float] = 2.0, realtime: bool = False, max_seconds: Optional[float] = None, *,

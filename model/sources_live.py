@@ -6,10 +6,10 @@ from __future__ import annotations
 import collections
 import threading
 from typing import Optional, Union
-from urllib.parse import urlsplit, urlunsplit
 
 import cv2
 
+from .sources import masked_url
 from .video_source import VideoSource
 
 
@@ -31,7 +31,7 @@ class LiveSource(VideoSource):
                 raise ValueError(f"{key} must be an int >= {low}, got {value!r}")
         if not (timeout_s > 0 and reconnect_delay_s >= 0):
             raise ValueError(f"timeout_s must be > 0 and reconnect_delay_s >= 0, got {timeout_s!r}, {reconnect_delay_s!r}")
-        super().__init__(f"camera {source}" if isinstance(source, int) else _without_password(source),
+        super().__init__(f"camera {source}" if isinstance(source, int) else masked_url(source),
                          realtime=False, **common)
         self.timestamp_source = "wall_clock"
         self.reconnects = 0
@@ -147,11 +147,3 @@ class LiveSource(VideoSource):
             self._cond.notify_all()
         self._flush_warnings()
 
-
-def _without_password(url: str) -> str:
-    """The URL with any password masked, fit for messages and logs."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    host = parts.netloc.rsplit("@", 1)[1]
-    return urlunsplit(parts._replace(netloc=f"{parts.username}:***@{host}"))

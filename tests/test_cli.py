@@ -158,6 +158,12 @@ def test_bad_input_exits_2_with_a_message(video, tmp_path, capsys):
     assert "absent.jsonl" in capsys.readouterr().err
 
 
+def test_secrets_in_a_source_url_are_not_printed(capsys):
+    assert main(["ftp://admin:hunter2@host/v.mp4?password=hunter2", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "hunter2" not in err and "ftp://admin:***@host/v.mp4?password=***" in err
+
+
 def test_typed_questions_and_sources_parse():
     assert parse_typed("Which one? | a red ball |  b ") .choices == ["a red ball", "b"]
     assert parse_typed("What is it?").choices is None

@@ -232,3 +232,12 @@ def test_bad_arguments_are_refused(tiny, video, tmp_path):
     with pytest.raises(RuntimeError, match="advance"):
         live.advance()
     assert live.stop(timeout=10)
+
+
+def test_repr_masks_the_url_before_and_after_start(tiny):
+    url = "rtsp://admin:hunter2@127.0.0.1:9/live?password=hunter2&api_key=hunter2"
+    live = LiveStream(VideoStreamInference(*tiny), url)
+    assert "hunter2" not in repr(live) and "admin:***@" in repr(live) and "password=***" in repr(live)
+    with pytest.raises(ConnectionError) as e:
+        live.start()
+    assert "hunter2" not in str(e.value) and "hunter2" not in repr(live)

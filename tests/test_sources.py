@@ -152,6 +152,12 @@ def test_missing_and_non_video_files_raise_clear_errors(tmp_path):
         read_video(tmp_path / "missing.mp4")
 
 
+def test_a_url_of_another_scheme_is_refused_without_its_secrets():
+    with pytest.raises(ValueError, match=r"ftp://admin:\*\*\*@host/v\.mp4\?token=\*\*\*: no such file") as e:
+        open_video("ftp://admin:hunter2@host/v.mp4?token=hunter2")
+    assert "hunter2" not in str(e.value)
+
+
 def test_corrupt_bytes_mid_file_deliver_the_rest_and_warn_once(tmp_path):
     """VOP headers of frames 60-62 and 100 are overwritten: each damaged run is warned once, with where and how
     many frames; every other frame is delivered at its own timestamp."""
