@@ -4,6 +4,8 @@ thread into a bounded buffer that keeps the newest frames (files: ``sources_open
 from __future__ import annotations
 
 import collections
+import math
+import numbers
 import threading
 from typing import Optional, Union
 
@@ -11,6 +13,8 @@ import cv2
 
 from .sources import masked_url
 from .video_source import VideoSource
+
+MAX_TIMEOUT_S = (2 ** 31 - 1) // 1000  # OpenCV's open/read timeouts are int milliseconds
 
 
 class LiveSource(VideoSource):
@@ -29,8 +33,11 @@ class LiveSource(VideoSource):
         for key, value, low in (("buffer_frames", buffer_frames, 1), ("reconnect", reconnect, 0)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{key} must be an int >= {low}, got {value!r}")
-        if not (timeout_s > 0 and reconnect_delay_s >= 0):
-            raise ValueError(f"timeout_s must be > 0 and reconnect_delay_s >= 0, got {timeout_s!r}, {reconnect_delay_s!r}")
+        if not (isinstance(timeout_s, numbers.Real) and 0 < timeout_s <= MAX_TIMEOUT_S):
+            raise ValueError(f"timeout_s must be a number of seconds in (0, {MAX_TIMEOUT_S}] (OpenCV takes "
+                             f"milliseconds as a 32-bit int), got {timeout_s!r}")
+        if not (isinstance(reconnect_delay_s, numbers.Real) and 0 <= reconnect_delay_s < math.inf):
+            raise ValueError(f"reconnect_delay_s must be a finite number of seconds >= 0, got {reconnect_delay_s!r}")
         super().__init__(f"camera {source}" if isinstance(source, int) else masked_url(source),
                          realtime=False, **common)
         self.timestamp_source = "wall_clock"
