@@ -23,10 +23,11 @@ from tests.test_sources import code_of, coded_frame
 class MJPEGServer:
     """multipart/x-mixed-replace JPEG frames of ``coded_frame(512 * connection + i)`` at ``rate`` fps.
 
-    Serves ``per_connection`` frames per connection to at most ``connections`` clients (503 after).
+    Serves ``per_connection`` frames per connection to at most ``connections`` clients (503 after);
+    the frames numbered in ``corrupt`` are sent as bytes that are not a JPEG (the multipart framing intact).
     """
 
-    def __init__(self, rate: float, per_connection: int, connections: int = 1):
+    def __init__(self, rate: float, per_connection: int, connections: int = 1, corrupt=()):
         self.sent, self.served = 0, 0
         server = self
 
@@ -45,6 +46,8 @@ class MJPEGServer:
                 try:
                     for i in range(per_connection):
                         jpg = cv2.imencode(".jpg", coded_frame(512 * conn + i))[1].tobytes()
+                        if i in corrupt:
+                            jpg = b"\x00not a jpeg" * (len(jpg) // 11)
                         self.wfile.write(b"--frame\r\nContent-Type: image/jpeg\r\nContent-Length: %d\r\n\r\n" % len(jpg)
                                          + jpg + b"\r\n")
                         self.wfile.flush()
@@ -103,6 +106,22 @@ def test_live_disconnect_raises_connection_error_naming_the_source():
                     for _, frame in video:
                         got.append(code_of(frame))
     assert got == list(range(30))  # every frame yielded before the error stays with the caller
+
+
+def test_a_corrupt_frame_is_counted_as_damaged_and_reading_goes_on():
+    with MJPEGServer(rate=200, per_connection=30, corrupt={5, 6, 20}) as server:
+        got = []
+        with pytest.raises(ConnectionError, match="disconnected at .* after 27 frames; pass reconnect=N"):
+            with pytest.warns(VideoSourceWarning) as rec:
+                with open_video(server.url, fps=None, buffer_frames=64, timeout_s=5) as video:
+                    for _, frame in video:
+                        got.append(code_of(frame))
+    assert got == [i for i in range(30) if i not in (5, 6, 20)]  # the frames after the damage too
+    assert video.frames_lost == 3 and video.frames_read == 27 and video.reconnects == 0
+    damaged = [p for p in video.problems if "damaged" in p]
+    assert len(damaged) == 2 and damaged[0].startswith("2 frames between t=") and damaged[1].startswith("1 frame ")
+    assert all("reading went on" in p for p in damaged)
+    assert [str(w.message).split(": ", 1)[1] for w in rec] == damaged + [p for p in video.problems if "disconnected" in p]
 
 
 def test_live_reconnect_then_give_up():
