@@ -256,3 +256,17 @@ def test_interactive_at_a_terminal_paces_a_file_at_real_time(tmp_path, monkeypat
         assert meta["progress"]["frames"] < 20 and records[0]["video_s"] < elapsed  # only the frames whose time came
     assert json.loads((tmp_path / "fast.json").read_text())["meta"]["realtime"] is False
 
+
+def test_help_and_argument_errors_answer_before_torch_is_imported(video):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    for args, code in ((["--help"], 0), ([str(video), "--fps", "5000"], 2), ([str(video), "--recall-grids", "1"], 2)):
+        start = time.monotonic()
+        proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "model", *args], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=60)
+        elapsed = time.monotonic() - start
+        imported = {line.rsplit("|", 1)[1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")}
+        assert proc.returncode == code, proc.stderr[-2000:]
+        assert not {"torch", "transformers"} & imported, args
+        assert elapsed < 3.0, f"python -m model {' '.join(args)} took {elapsed:.1f} s"
+    assert "--budget-tokens" in subprocess.run([sys.executable, "-m", "model", "--help"], cwd=ROOT, env=env,
+                                               capture_output=True, text=True, timeout=60).stdout
