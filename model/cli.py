@@ -320,10 +320,9 @@ def main(argv=None) -> int:
     except (TypeError, ValueError, ConnectionError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
-    records: list = []
     if json_out is not None:
         json_out.describe = lambda: run_meta(args, live, engine, description, skipped, live.error)
-    answered = records.append if json_out is None else json_out.add
+    answered = json_out.add if json_out is not None else (lambda record: None)
     code = EXIT_OK
     try:
         (run_scripted(engine, live, questions, args, answered) if questions
