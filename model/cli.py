@@ -6,10 +6,13 @@
     python -m model clip.mp4 --questions q.jsonl --json out.json   # scripted, deterministic
 
 Interactive: a question and Enter answers about "now", token by token; ``question | a | b | c``
-scores the choices. The status line (stderr) shows video time, frames, dropped frames, cache
-size and the last chunk's time. End of input (Ctrl-D) or Ctrl-C stops.
+scores the choices. At a terminal a file plays at real time (``--no-realtime``: as fast as it
+decodes, as with piped input). The status line (stderr) shows video time, frames, dropped
+frames, cache size and the last chunk's time. End of input (Ctrl-D) or Ctrl-C stops.
 Scripted: ``{"t": seconds, "question": "...", "choices": [...]}`` per line; each question is
 asked, in t order, when every frame with timestamp <= t (and no later one) is in the engine.
+--json: {"meta": {...}, "questions": [...]}, rewritten after every answer (valid JSON at every
+moment; meta.complete is false until the run has ended).
 """
 from __future__ import annotations
 
@@ -19,12 +22,17 @@ import json
 import os
 import shutil
 import sys
+import tempfile
 import threading
+from typing import Callable, Optional
 
-from .config import BUDGET_STATS, add_budget_arguments, budget_config
+# Nothing imported here loads torch or transformers: --help and argument errors answer at once,
+# and the model (``loading.load_engine``) is imported only once the arguments are known to be good.
+from .arguments import MAX_FPS, MIN_FPS, check_fps
+from .config import BUDGET_STATS, StreamConfig, add_budget_arguments, budget_config
 from .cli_questions import Question, parse_typed, read_questions
 from .live import LiveStream
-from .sources import URL_SCHEMES, open_video
+from .sources import URL_SCHEMES, masked_url, open_video
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -40,7 +48,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="default: bfloat16 on GPU, float32 on CPU")
     p.add_argument("--fps", type=float, default=2.0, help="frames per second sampled from the source, by timestamp (default 2)")
     p.add_argument("--chunk", type=int, default=4, help="frames per append_frames call (default 4)")
-    p.add_argument("--realtime", action="store_true", help="pace a file at wall-clock speed (live sources always are)")
+    p.add_argument("--realtime", action=argparse.BooleanOptionalAction, default=None,
+                   help="pace a file at wall-clock speed (default: on when questions are typed at a terminal, "
+                        "off for a --questions script or piped input; live sources always are real time)")
     p.add_argument("--max-seconds", type=float, default=None, help="stop the source at this many seconds of video")
     p.add_argument("--questions", default=None, metavar="FILE.jsonl",
                    help='scripted questions, one JSON object a line: {"t": 4.0, "question": "...", "choices": [...]}')
@@ -55,7 +65,7 @@ def parse_source(text: str):
     if text.isdigit():
         return int(text)
     if not text.lower().startswith(URL_SCHEMES) and not os.path.exists(text):
-        raise ValueError(f"Cannot open video: {text}: no such file (a camera is a number, a stream a URL)")
+        raise ValueError(f"Cannot open video: {masked_url(text)}: no such file (a camera is a number, a stream a URL)")
     return text
 
 
@@ -104,7 +114,7 @@ def answer_record(engine, live: LiveStream, q: Question, max_new_tokens: int, ou
     return record
 
 
-def run_scripted(engine, live: LiveStream, questions: list[Question], args, records: list) -> None:
+def run_scripted(engine, live: LiveStream, questions: list[Question], args, answered: Callable) -> None:
     """Ingest in this thread up to each question's t, then ask it; a streaming error is not fatal."""
     for q in questions:
         with contextlib.suppress(Exception):  # kept in live.error and reported at the end; the rest
@@ -112,7 +122,7 @@ def run_scripted(engine, live: LiveStream, questions: list[Question], args, reco
         p = live.progress
         print(f"[t={q.t:g}s | {p.frames} frames, video {p.video_s:.1f}s] Q: {q.question}"
               + (f"  {q.choices}" if q.choices else ""))
-        records.append(answer_record(engine, live, q, args.max_new_tokens, sys.stdout))
+        answered(answer_record(engine, live, q, args.max_new_tokens, sys.stdout))
 
 
 class StatusLine:
@@ -164,7 +174,7 @@ class StatusLine:
                     self.stream.flush()
 
 
-def run_interactive(engine, live: LiveStream, args, records: list) -> None:
+def run_interactive(engine, live: LiveStream, args, answered: Callable) -> None:
     """Stream in the background; answer each line read from stdin about "now" until end of input."""
     live.start()
     status = StatusLine(live, engine, sys.stderr)
@@ -183,19 +193,71 @@ def run_interactive(engine, live: LiveStream, args, records: list) -> None:
             except (TypeError, ValueError) as e:
                 print(f"error: {e}", file=sys.stderr)
                 continue
-            records.append(answer_record(engine, live, q, args.max_new_tokens, sys.stdout))
+            answered(answer_record(engine, live, q, args.max_new_tokens, sys.stdout))
     finally:
         status.stop()
 
 
-def write_json(path: str, meta: dict, records: list) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump({"meta": meta, "questions": records}, f, indent=2, default=str)
+class JsonOut:
+    """The --json file: checked before the run, rewritten after every answer and at the end.
+
+    Each write goes to a temporary file in the same folder, then replaces the file, so it is valid
+    JSON at every moment and an interrupted run keeps every answer given so far; ``meta.complete``
+    is true only in the final write.
+    """
+
+    def __init__(self, path: str):
+        self.path, self.records = path, []
+        self.describe: Callable[[], dict] = lambda: {}
+        self.error: Optional[OSError] = None
+        mask = os.umask(0)  # read once, before any thread runs: files get the user's usual mode
+        os.umask(mask)
+        self._mode = 0o666 & ~mask
+        try:
+            if os.path.isdir(path):
+                raise IsADirectoryError(21, "it is a folder")
+            if os.path.exists(path):  # an existing file must be writable (it is replaced, not appended to)
+                os.close(os.open(path, os.O_WRONLY | os.O_APPEND))
+            fd, probe = tempfile.mkstemp(dir=self._folder)  # the folder takes new files
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as e:
+            raise ValueError(f"cannot write --json file {path}: {e.strerror or e}") from None
+
+    @property
+    def _folder(self) -> str:
+        return os.path.dirname(os.path.abspath(self.path))
+
+    def add(self, record: dict) -> None:
+        self.records.append(record)
+        self.write(complete=False)
+
+    def write(self, complete: bool) -> bool:
+        """Replace the file with the meta and every record so far; False (and said once) if it cannot be."""
+        temporary = None
+        try:
+            fd, temporary = tempfile.mkstemp(dir=self._folder, prefix=f".{os.path.basename(self.path)}.", suffix=".tmp")
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump({"meta": {**self.describe(), "complete": complete}, "questions": self.records}, f,
+                          indent=2, default=str)
+            os.chmod(temporary, self._mode)
+            os.replace(temporary, self.path)
+            temporary = None
+            return True
+        except OSError as e:
+            if self.error is None:
+                print(f"error: cannot write --json file {self.path}: {e.strerror or e}", file=sys.stderr)
+            self.error = e
+            return False
+        finally:
+            if temporary is not None:
+                with contextlib.suppress(OSError):
+                    os.unlink(temporary)
 
 
 def run_meta(args, live: LiveStream, engine, description: str, skipped: list, error) -> dict:
     p, src = live.progress, live.source
-    return {"source": src.source if src else args.source, "source_fps": src.source_fps if src else None,
+    return {"source": src.source if src else masked_url(args.source), "source_fps": src.source_fps if src else None,
             "fps": live.fps, "chunk": live.chunk, "realtime": args.realtime, "max_seconds": args.max_seconds,
             "model": description, "max_new_tokens": args.max_new_tokens,
             "mode": "scripted" if args.questions else "interactive",
@@ -207,46 +269,77 @@ def run_meta(args, live: LiveStream, engine, description: str, skipped: list, er
             "error": None if error is None else f"{type(error).__name__}: {error}", "stats": engine.stats()}
 
 
-def setup(args):
-    """(source, questions, skipped, engine, description), or ValueError for bad input (exit 2)."""
-    from .loading import load_engine
-
-    for flag, value in (("--fps", args.fps), ("--chunk", args.chunk), ("--max-seconds", args.max_seconds),
+def check_numbers(args) -> Optional[StreamConfig]:
+    """The numeric flags, checked before anything loads; the budget's ``StreamConfig`` (None: unbounded)."""
+    try:
+        check_fps(args.fps)
+    except ValueError:
+        raise ValueError(f"--fps must be between {MIN_FPS:g} and {MAX_FPS:g} frames per second, got {args.fps:g}"
+                         ) from None
+    for flag, value in (("--chunk", args.chunk), ("--max-seconds", args.max_seconds),
                         ("--max-new-tokens", args.max_new_tokens)):
         if value is not None and not value > 0:
             raise ValueError(f"{flag} must be > 0, got {value}")
+    config = budget_config(args)
+    if config is None and args.recall_grids:
+        raise ValueError("--recall-grids brings back evicted video: it needs --budget-tokens N or --window-seconds S")
+    if config is None and args.sink_frames != StreamConfig.sink_frames:
+        raise ValueError("--sink-frames is part of a memory budget: it needs --budget-tokens N or --window-seconds S")
+    return config
+
+
+def stdin_is_a_terminal() -> bool:
+    with contextlib.suppress(AttributeError, ValueError):  # no stdin, or a closed one
+        return sys.stdin.isatty()
+    return False
+
+
+def setup(args):
+    """(source, questions, skipped, config, json_out) from the arguments alone (nothing loaded yet),
+    or ValueError for bad input (exit 2). Fills in ``args.realtime`` when it was left to the default."""
+    config = check_numbers(args)
     source = parse_source(args.source)
+    json_out = JsonOut(args.json) if args.json else None
     questions, skipped = [], []
     if args.questions:
         questions, skipped = read_questions(args.questions, lambda m: print(f"warning: {m}", file=sys.stderr))
-    engine, description = load_engine(args.model, args.dtype, args.device, config=budget_config(args))
-    return source, questions, skipped, engine, description
+    if args.realtime is None:  # typing questions while a file plays: play it at its own speed
+        args.realtime = not args.questions and stdin_is_a_terminal()
+    return source, questions, skipped, config, json_out
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        source, questions, skipped, engine, description = setup(args)
+        source, questions, skipped, config, json_out = setup(args)
+        from .loading import load_engine  # torch and transformers: only now
+
+        engine, description = load_engine(args.model, args.dtype, args.device, config=config)
         video = open_video(source, fps=args.fps, realtime=args.realtime, max_seconds=args.max_seconds)
         live = LiveStream(engine, video, chunk=args.chunk)
     except (TypeError, ValueError, ConnectionError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
-    records: list = []
+    if json_out is not None:
+        json_out.describe = lambda: run_meta(args, live, engine, description, skipped, live.error)
+    answered = json_out.add if json_out is not None else (lambda record: None)
     code = EXIT_OK
     try:
-        (run_scripted(engine, live, questions, args, records) if questions
-         else run_interactive(engine, live, args, records))
+        (run_scripted(engine, live, questions, args, answered) if questions
+         else run_interactive(engine, live, args, answered))
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         code = EXIT_INTERRUPTED
-    with contextlib.suppress(Exception):  # reported below from live.error
-        live.stop(timeout=10, flush=False)
+    finally:  # also on an unexpected error: the stream stops (the --json file already holds every answer)
+        with contextlib.suppress(Exception):  # reported below from live.error
+            live.stop(timeout=10, flush=False)
     if live.error is not None:
         print(f"error: streaming stopped: {type(live.error).__name__}: {live.error}", file=sys.stderr)
         code = code or EXIT_FAILED
     print(f"done: {live.progress}", file=sys.stderr)
-    if args.json:
-        write_json(args.json, run_meta(args, live, engine, description, skipped, live.error), records)
-        print(f"wrote {args.json} ({len(records)} answers)", file=sys.stderr)
+    if json_out is not None:
+        if json_out.write(complete=True) and json_out.error is None:
+            print(f"wrote {args.json} ({len(json_out.records)} answers)", file=sys.stderr)
+        else:
+            code = code or EXIT_FAILED
     return code

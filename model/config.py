@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
-from .slot_layout import Budget
+if TYPE_CHECKING:  # slot_layout imports torch; the CLI builds its parser from this file before torch loads
+    from .slot_layout import Budget
 
 
 def _is_int(x) -> bool:
@@ -89,6 +90,8 @@ class StreamConfig:
         """The memory budget of a bounded stream, or None (unbounded)."""
         if self.cache_budget_tokens is None and self.video_window_seconds is None:
             return None
+        from .slot_layout import Budget
+
         return Budget(self.cache_budget_tokens, self.video_window_seconds, -(-self.sink_frames // 2),
                       self.recall_grids, self.recall_host_tokens)
 

@@ -3,7 +3,8 @@
     with LiveStream(engine, "rtsp://camera/stream", chunk=4, fps=2.0) as live:   # a background thread
         while live.running:
             print(live.progress, engine.ask("What is happening now?").text)
-    # leaving the block stops the thread; a source or engine error is raised there, never lost
+    # entering starts it (live.start() inside is a no-op); leaving stops the thread, and a source
+    # or engine error is raised there, never lost
 
     live = LiveStream(engine, "clip.mp4")   # or in the caller's thread, exactly up to a time:
     live.advance(until_s=10.0)              # every frame with timestamp <= 10 s is in the engine
@@ -22,7 +23,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from .arguments import check_fps
-from .sources import EPS, VideoSource, open_video
+from .sources import EPS, VideoSource, masked_url, open_video
 
 
 @dataclass(frozen=True)
@@ -53,7 +54,8 @@ class LiveStream:
     fps: sampling rate, also the fps given to ``append_frames`` (default 2.0, or the open source's).
     realtime, max_seconds, **source_options: passed to ``open_video``.
     A trailing partial chunk at the end of a finite source is appended too. The source is opened
-    by ``start()`` or the first ``advance()``; a LiveStream runs once (the engine keeps its stream).
+    by ``start()``, by entering a ``with`` block (which starts it; a ``start()`` inside that block
+    does nothing) or by the first ``advance()``; a LiveStream runs once (the engine keeps its stream).
     """
 
     def __init__(self, engine, source, chunk: int = 4, fps: Optional[float] = None, realtime: bool = False,
@@ -76,7 +78,7 @@ class LiveStream:
         self._paused_by: Optional[int] = None
         self._thread: Optional[threading.Thread] = None
         self._held = None  # the (t, frame) read past an advance() limit, appended by the next call
-        self._used = self._ended = self._flush_on_stop = False
+        self._used = self._ended = self._flush_on_stop = self._started_by_with = False
         self._frames = self._chunks = 0
         self._video_s, self._last_chunk_ms = 0.0, None
         self._error: Optional[BaseException] = None
@@ -96,7 +98,13 @@ class LiveStream:
 
     # ------------------------------------------------------------------ control
     def start(self) -> "LiveStream":
-        """Open the source (errors raise here) and stream it into the engine from a background thread."""
+        """Open the source (errors raise here) and stream it into the engine from a background thread.
+
+        Once per LiveStream: a second call raises RuntimeError, except inside a ``with`` block that
+        started the stream, where it returns the stream unchanged.
+        """
+        if self._started_by_with and not self._stop.is_set():
+            return self
         self._claim()
         self._thread = threading.Thread(target=self._run, name="live-stream", daemon=True)
         self._thread.start()
@@ -110,7 +118,8 @@ class LiveStream:
         ended, calls return at once.
         """
         if self._thread is not None:
-            raise RuntimeError("advance() is for a LiveStream that was not start()ed; its thread owns the source")
+            raise RuntimeError("advance() is for a LiveStream that was not started (by start() or a with "
+                               "block); its thread owns the source")
         self._not_paused_here("advance()")
         if until_s is not None and not until_s >= 0:
             raise ValueError(f"until_s must be a number of seconds >= 0 or None, got {until_s!r}")
@@ -170,7 +179,11 @@ class LiveStream:
             raise RuntimeError(f"{what} inside paused() would wait for itself; leave the paused() block first")
 
     def __enter__(self) -> "LiveStream":
-        return self if self._used else self.start()
+        """Start the stream unless it was started (or advanced) already; leaving the block stops it."""
+        if not self._used:
+            self.start()
+            self._started_by_with = True
+        return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
         try:
@@ -282,4 +295,5 @@ class LiveStream:
 
     def __repr__(self) -> str:
         name = self._source.source if self._source is not None else self._open_args[0]
+        name = masked_url(name) if isinstance(name, str) else name
         return f"LiveStream({name!r}, chunk={self.chunk}, fps={self.fps}, {self.progress})"

@@ -4,13 +4,18 @@ thread into a bounded buffer that keeps the newest frames (files: ``sources_open
 from __future__ import annotations
 
 import collections
+import math
+import numbers
 import threading
 from typing import Optional, Union
-from urllib.parse import urlsplit, urlunsplit
 
 import cv2
 
+from .sources import masked_url
 from .video_source import VideoSource
+
+MAX_TIMEOUT_S = (2 ** 31 - 1) // 1000  # OpenCV's open/read timeouts are int milliseconds
+MAX_BAD_READS = 16  # failed reads in a row (within timeout_s) taken as undecodable frames; more: a disconnect
 
 
 class LiveSource(VideoSource):
@@ -19,6 +24,9 @@ class LiveSource(VideoSource):
     Drop policy: the sampled frames wait in a buffer of ``buffer_frames`` (default 1); when it is
     full the oldest is dropped (``frames_dropped``), so a slow consumer always gets the newest.
     Timestamps are wall-clock seconds since the first frame; ``source_fps`` is the measured rate.
+    A frame that fails to decode while the connection goes on (OpenCV fails one read per damaged
+    frame) is counted in ``frames_lost`` and warned, and reading goes on; more than
+    ``MAX_BAD_READS`` failed reads in a row, or none succeeding for ``timeout_s``, is a disconnect.
     A source that stops delivering raises ConnectionError (naming it) once the buffered frames are
     taken; with ``reconnect=N`` it is reopened up to N times in a row (``reconnect_delay_s``
     apart) first, each disconnect warned once. ``timeout_s`` bounds opening and each read of a URL.
@@ -29,9 +37,12 @@ class LiveSource(VideoSource):
         for key, value, low in (("buffer_frames", buffer_frames, 1), ("reconnect", reconnect, 0)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{key} must be an int >= {low}, got {value!r}")
-        if not (timeout_s > 0 and reconnect_delay_s >= 0):
-            raise ValueError(f"timeout_s must be > 0 and reconnect_delay_s >= 0, got {timeout_s!r}, {reconnect_delay_s!r}")
-        super().__init__(f"camera {source}" if isinstance(source, int) else _without_password(source),
+        if not (isinstance(timeout_s, numbers.Real) and 0 < timeout_s <= MAX_TIMEOUT_S):
+            raise ValueError(f"timeout_s must be a number of seconds in (0, {MAX_TIMEOUT_S}] (OpenCV takes "
+                             f"milliseconds as a 32-bit int), got {timeout_s!r}")
+        if not (isinstance(reconnect_delay_s, numbers.Real) and 0 <= reconnect_delay_s < math.inf):
+            raise ValueError(f"reconnect_delay_s must be a finite number of seconds >= 0, got {reconnect_delay_s!r}")
+        super().__init__(f"camera {source}" if isinstance(source, int) else masked_url(source),
                          realtime=False, **common)
         self.timestamp_source = "wall_clock"
         self.reconnects = 0
@@ -60,7 +71,8 @@ class LiveSource(VideoSource):
         return None
 
     def _raw(self):
-        t0, failures = None, 0
+        t0, last_t, failures = None, None, 0
+        bad, last_ok = 0, self._clock()  # failed reads since the last frame (or the opening), and when that was
         try:
             while not self._stop.is_set():
                 try:
@@ -68,10 +80,17 @@ class LiveSource(VideoSource):
                 except cv2.error:
                     ok, bgr = False, None
                 if not ok or bgr is None:
-                    failures = self._reopen(failures, t0)
+                    bad += 1  # a frame that does not decode, or the end of the connection: the next reads tell
+                    if bad <= MAX_BAD_READS and self._clock() - last_ok < self._timeout_ms / 1000:
+                        continue
+                    failures, bad = self._reopen(failures, t0), 0
+                    last_ok = self._clock()
                     continue
                 failures, now = 0, self._clock()
                 t0 = now if t0 is None else t0
+                if bad:
+                    self._damaged(bad, last_t, now - t0)
+                bad, last_ok, last_t = 0, now, now - t0
                 self._arrivals.append(now)
                 if len(self._arrivals) > 1 and self._arrivals[-1] > self._arrivals[0]:
                     self.source_fps = (len(self._arrivals) - 1) / (self._arrivals[-1] - self._arrivals[0])
@@ -80,6 +99,12 @@ class LiveSource(VideoSource):
         finally:
             if self._cap is not None:
                 self._cap.release()
+
+    def _damaged(self, frames: int, before: Optional[float], after: float) -> None:
+        """Frames that failed to decode while the connection went on: lost, warned, not a disconnect."""
+        where = f"between t={before:.2f} s and t={after:.2f} s" if before is not None else f"before t={after:.2f} s"
+        self._problem(f"{frames} frame{'s' if frames != 1 else ''} {where} could not be decoded (damaged data); "
+                      "reading went on", lost=frames)
 
     def _reopen(self, failures: int, t0: Optional[float]) -> int:
         """After a failed read: reopen (if attempts are left) or raise ConnectionError; the new failure count."""
@@ -147,11 +172,3 @@ class LiveSource(VideoSource):
             self._cond.notify_all()
         self._flush_warnings()
 
-
-def _without_password(url: str) -> str:
-    """The URL with any password masked, fit for messages and logs."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    host = parts.netloc.rsplit("@", 1)[1]
-    return urlunsplit(parts._replace(netloc=f"{parts.username}:***@{host}"))

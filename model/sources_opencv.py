@@ -9,6 +9,7 @@ from typing import Optional, Union
 
 import cv2
 
+from .sources import masked_url
 from .video_source import VideoSource
 
 MAX_RETRIES = 256  # grabs retried in a row after a decode failure (each skips one undecodable packet)
@@ -23,12 +24,13 @@ class FileSource(VideoSource):
     """
 
     def __init__(self, path: Union[str, os.PathLike], **common):
-        name = os.fspath(path)
-        if not os.path.exists(name):
+        path = os.fspath(path)
+        name = masked_url(path)  # a URL of a scheme open_video does not stream (ftp://) is shown masked
+        if not os.path.exists(path):
             raise ValueError(f"Cannot open video: {name}: no such file")
-        if os.path.isdir(name):
+        if os.path.isdir(path):
             raise ValueError(f"Cannot open video: {name} is a directory, not a video file")
-        cap = cv2.VideoCapture(name)
+        cap = cv2.VideoCapture(path)
         if not cap.isOpened():
             cap.release()
             raise ValueError(f"Cannot open video: {name}: OpenCV cannot read it (not a video, an unsupported "

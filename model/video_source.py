@@ -25,7 +25,8 @@ class VideoSource:
     """Iterator of ``(timestamp_s, frame)``, frame an RGB uint8 HxWx3 numpy array; use as a context manager.
 
     Readable while iterating:
-      source            what was opened (a path, ``camera N``, a URL without its password, ``iterable``)
+      source            what was opened (a path, ``camera N``, a URL with its secrets masked by
+                        ``sources.masked_url``, ``iterable``)
       fps               the requested sampling rate (None: every frame)
       source_fps        the source's frame rate (container's, given, or measured for live sources)
       frames_read       frames decoded or taken from the source, sampled or not

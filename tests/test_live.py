@@ -232,3 +232,28 @@ def test_bad_arguments_are_refused(tiny, video, tmp_path):
     with pytest.raises(RuntimeError, match="advance"):
         live.advance()
     assert live.stop(timeout=10)
+
+
+def test_repr_masks_the_url_before_and_after_start(tiny):
+    url = "rtsp://admin:hunter2@127.0.0.1:9/live?password=hunter2&api_key=hunter2"
+    live = LiveStream(VideoStreamInference(*tiny), url)
+    assert "hunter2" not in repr(live) and "admin:***@" in repr(live) and "password=***" in repr(live)
+    with pytest.raises(ConnectionError) as e:
+        live.start()
+    assert "hunter2" not in str(e.value) and "hunter2" not in repr(live)
+
+
+def test_start_inside_the_with_block_that_started_it_does_nothing(tiny, video):
+    engine = VideoStreamInference(*tiny)
+    with LiveStream(engine, video, chunk=4) as live:
+        assert live.start() is live  # `with` started it: no second run, no error
+        assert live.wait(30)
+    p = live.progress
+    assert (p.frames, p.chunks, p.ended, p.error) == (10, 3, True, None)  # streamed once
+    assert_same_stream(engine, reference(tiny, sampled(video), [4, 4, 2]))
+    with pytest.raises(RuntimeError, match="runs once"):  # after the block it has stopped
+        live.start()
+    started = LiveStream(VideoStreamInference(*tiny), video).start()
+    with started:  # started by hand: `with` only stops it, and a second start() is still an error
+        with pytest.raises(RuntimeError, match="runs once"):
+            started.start()

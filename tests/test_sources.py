@@ -152,6 +152,28 @@ def test_missing_and_non_video_files_raise_clear_errors(tmp_path):
         read_video(tmp_path / "missing.mp4")
 
 
+@pytest.mark.parametrize("fps", [1e308, float("nan"), float("inf"), -2.0, 0, 5000, 0.001, "2", True])
+def test_an_absurd_fps_is_refused_naming_fps_and_the_range(tmp_path, fps):
+    path = write_video(tmp_path / "v.mp4", 10.0, 5)
+    with pytest.raises(ValueError, match=r"fps must be a number of frames per second between 0\.01 and 1000"
+                                         r" \(or None for every frame\), got"):
+        open_video(path, fps=fps)
+    assert len(list(open_video(path, fps=1000))) == 5 and len(list(open_video(path, fps=0.01))) == 1  # the bounds
+
+
+@pytest.mark.parametrize("option", [dict(timeout_s=1e308), dict(timeout_s=float("inf")), dict(timeout_s=0),
+                                    dict(reconnect_delay_s=float("inf")), dict(reconnect_delay_s=float("nan"))])
+def test_absurd_live_timeouts_are_refused_naming_them(option):
+    with pytest.raises(ValueError, match=next(iter(option))):
+        open_video("http://127.0.0.1:9/never-opened.mjpg", **option)
+
+
+def test_a_url_of_another_scheme_is_refused_without_its_secrets():
+    with pytest.raises(ValueError, match=r"ftp://admin:\*\*\*@host/v\.mp4\?token=\*\*\*: no such file") as e:
+        open_video("ftp://admin:hunter2@host/v.mp4?token=hunter2")
+    assert "hunter2" not in str(e.value)
+
+
 def test_corrupt_bytes_mid_file_deliver_the_rest_and_warn_once(tmp_path):
     """VOP headers of frames 60-62 and 100 are overwritten: each damaged run is warned once, with where and how
     many frames; every other frame is delivered at its own timestamp."""

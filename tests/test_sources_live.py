@@ -23,10 +23,11 @@ from tests.test_sources import code_of, coded_frame
 class MJPEGServer:
     """multipart/x-mixed-replace JPEG frames of ``coded_frame(512 * connection + i)`` at ``rate`` fps.
 
-    Serves ``per_connection`` frames per connection to at most ``connections`` clients (503 after).
+    Serves ``per_connection`` frames per connection to at most ``connections`` clients (503 after);
+    the frames numbered in ``corrupt`` are sent as bytes that are not a JPEG (the multipart framing intact).
     """
 
-    def __init__(self, rate: float, per_connection: int, connections: int = 1):
+    def __init__(self, rate: float, per_connection: int, connections: int = 1, corrupt=()):
         self.sent, self.served = 0, 0
         server = self
 
@@ -45,6 +46,8 @@ class MJPEGServer:
                 try:
                     for i in range(per_connection):
                         jpg = cv2.imencode(".jpg", coded_frame(512 * conn + i))[1].tobytes()
+                        if i in corrupt:
+                            jpg = b"\x00not a jpeg" * (len(jpg) // 11)
                         self.wfile.write(b"--frame\r\nContent-Type: image/jpeg\r\nContent-Length: %d\r\n\r\n" % len(jpg)
                                          + jpg + b"\r\n")
                         self.wfile.flush()
@@ -105,6 +108,22 @@ def test_live_disconnect_raises_connection_error_naming_the_source():
     assert got == list(range(30))  # every frame yielded before the error stays with the caller
 
 
+def test_a_corrupt_frame_is_counted_as_damaged_and_reading_goes_on():
+    with MJPEGServer(rate=200, per_connection=30, corrupt={5, 6, 20}) as server:
+        got = []
+        with pytest.raises(ConnectionError, match="disconnected at .* after 27 frames; pass reconnect=N"):
+            with pytest.warns(VideoSourceWarning) as rec:
+                with open_video(server.url, fps=None, buffer_frames=64, timeout_s=5) as video:
+                    for _, frame in video:
+                        got.append(code_of(frame))
+    assert got == [i for i in range(30) if i not in (5, 6, 20)]  # the frames after the damage too
+    assert video.frames_lost == 3 and video.frames_read == 27 and video.reconnects == 0
+    damaged = [p for p in video.problems if "damaged" in p]
+    assert len(damaged) == 2 and damaged[0].startswith("2 frames between t=") and damaged[1].startswith("1 frame ")
+    assert all("reading went on" in p for p in damaged)
+    assert [str(w.message).split(": ", 1)[1] for w in rec] == damaged + [p for p in video.problems if "disconnected" in p]
+
+
 def test_live_reconnect_then_give_up():
     with MJPEGServer(rate=200, per_connection=20, connections=2) as server:
         got = []
@@ -129,8 +148,47 @@ def test_unopenable_live_sources_raise_connection_error():
         open_video(97)
 
 
-def test_url_password_is_not_repeated_in_messages():
-    from model.sources_live import _without_password
+SECRET = "hunter2"
 
-    assert _without_password("rtsp://admin:secret@10.0.0.2:554/live") == "rtsp://admin:***@10.0.0.2:554/live"
-    assert _without_password("http://host/x.mjpg") == "http://host/x.mjpg"
+
+def with_secrets(url: str) -> str:
+    """``url`` with a password in its authority and in query parameters (the server ignores both)."""
+    scheme, rest = url.split("://")
+    return (f"{scheme}://admin:{SECRET}@{rest}?user=a&password={SECRET}&api_key={SECRET}&Access_Token={SECRET}"
+            f"&X-Amz-Signature={SECRET}&fps=5")
+
+
+def test_url_secrets_are_masked():
+    from model.sources import masked_url
+
+    assert masked_url("rtsp://admin:secret@10.0.0.2:554/live") == "rtsp://admin:***@10.0.0.2:554/live"
+    for plain in ("http://host/x.mjpg", "http://host/x.mjpg?user=bob&fps=5&keyframes", "clip.mp4", "dir/a?password=b.mp4"):
+        assert masked_url(plain) == plain  # nothing secret (a path is not a URL)
+    assert masked_url("http://h/s?user=a&password=x") == "http://h/s?user=a&password=***"
+    assert masked_url("rtsp://h/s?PWD=x&passwd=y") == "rtsp://h/s?PWD=***&passwd=***"
+    assert masked_url("https://h/s?api_key=x&access_token=y&client_secret=z&auth=w") == \
+        "https://h/s?api_key=***&access_token=***&client_secret=***&auth=***"
+    assert masked_url("https://b.s3.amazonaws.com/v.mp4?X-Amz-Credential=AK%2F1&X-Amz-Signature=ab&X-Amz-Expires=60") == \
+        "https://b.s3.amazonaws.com/v.mp4?X-Amz-Credential=***&X-Amz-Signature=***&X-Amz-Expires=60"
+    assert masked_url("https://h/cb#access_token=x&state=1") == "https://h/cb#access_token=***&state=1"
+    assert masked_url("http://u:p@h/s?token=t#sig=s") == "http://u:***@h/s?token=***#sig=***"
+    assert "x" not in masked_url("http://[::1/s?password=x").split("://", 1)[1]  # unparsable: hidden whole
+
+
+def test_url_secrets_never_reach_messages_warnings_or_the_terminal(capfd):
+    with MJPEGServer(rate=200, per_connection=10) as server:
+        url = with_secrets(server.url)
+        shown = []
+        with pytest.raises(ConnectionError) as disconnect:
+            with pytest.warns(VideoSourceWarning) as rec:
+                with open_video(url, fps=None, buffer_frames=64, timeout_s=5) as video:
+                    shown += [repr(video), video.source, video._thread.name]
+                    assert len([f for _, f in video]) == 10
+        shown += [str(disconnect.value), repr(video), *video.problems, *(str(w.message) for w in rec)]
+    with MJPEGServer(rate=50, per_connection=1, connections=0) as refusing:
+        with pytest.raises(ConnectionError) as refused:
+            open_video(with_secrets(refusing.url), timeout_s=2)
+    shown.append(str(refused.value))
+    out, err = capfd.readouterr()  # OpenCV's and FFmpeg's own logs too
+    assert all(SECRET not in text for text in shown + [out, err]), [t for t in shown + [out, err] if SECRET in t]
+    assert "admin:***@" in str(disconnect.value) and "password=***&api_key=***" in str(refused.value)
