@@ -17,7 +17,7 @@ import sys
 import torch
 
 from model.config import BUDGET_STATS, add_budget_arguments, budget_config
-from model.offline import bounded_visibility, build_inputs, chat_segments, masked_logits, native_generate
+from model.offline import bounded_visibility, build_inputs, question_events, masked_logits, native_generate
 from model.report import WIDTH, load_engine, plot_stream_vs_native, section, video_path
 from model.timing import device_info, median, reset_peak, set_exact_fp32, sync, timed, vram
 from model.video_io import load_frames
@@ -83,7 +83,7 @@ def masked_reference(engine, frames, fps, question, calls) -> torch.Tensor:
     """(V,) first-token logits of the exact reference of a bounded stream: one offline forward over the
     same transcript, each token seeing what the cache kept when its call began (offline.bounded_visibility)."""
     model, proc = engine.model, engine.processor
-    inputs = build_inputs(model, proc, chat_segments(proc, question, frames, fps))
+    inputs = build_inputs(model, proc, question_events(question, frames, fps))
     calls = [(a, inputs.num_tokens if b is None else b, kept) for a, b, kept in calls]
     return masked_logits(model, inputs, bounded_visibility(inputs.num_tokens, calls))[0, -1]
 
@@ -96,7 +96,7 @@ def native_once(engine, frames, fps, question, max_new_tokens):
     reset_peak()
     prep = []
     with timed(prep):
-        inputs = build_inputs(model, proc, chat_segments(proc, question, frames, fps))
+        inputs = build_inputs(model, proc, question_events(question, frames, fps))
     ans = native_generate(model, inputs, max_new_tokens, engine.stop_ids)
     return {"preprocess_s": prep[0], "prefill_s": ans.ttft_s, "ttft_s": prep[0] + ans.ttft_s,
             "total_s": prep[0] + ans.total_s, "answer": engine.tokenizer.decode(ans.token_ids, skip_special_tokens=True),

@@ -23,7 +23,7 @@ import torch  # noqa: E402
 
 from model import StreamConfig, VideoStreamInference  # noqa: E402
 from model.eval.scoring import offline_choice_scores  # noqa: E402
-from model.offline import build_inputs, chat_segments, native_generate, native_logits  # noqa: E402
+from model.offline import build_inputs, question_events, native_generate, native_logits  # noqa: E402
 from model.synthetic import synthetic_frames  # noqa: E402
 from model.testing import QWEN25_VL_3B_CONFIG, build_3b_processor, build_random_model  # noqa: E402
 from model.timing import set_exact_fp32  # noqa: E402
@@ -79,7 +79,7 @@ def main(argv=None) -> int:
             engine.reset()
             stream_to(engine, frames, [p], random.Random(1), lambda e, p: None)
             a = engine.ask(Q, max_new_tokens=1).first_logits
-            ref = native_logits(model, build_inputs(model, proc, chat_segments(proc, Q, frames[:p], FPS)))[0, -1]
+            ref = native_logits(model, build_inputs(model, proc, question_events(Q, frames[:p], FPS)))[0, -1]
             bf16.append({"frames": p, "tokens": engine.kv.get_seq_length(),
                          "argmax_equal": int(a.argmax()) == int(ref.argmax()),
                          "rel_logit_diff": float((a - ref).norm() / ref.norm())})
@@ -101,7 +101,7 @@ def main(argv=None) -> int:
     def check(e, p):  # at a pause: the stream's answers, then the offline path's on the same frames
         ans, choice, tokens = e.ask(Q, max_new_tokens=8), e.ask_choice(Q, CHOICES).index, e.kv.get_seq_length()
         log(f"streamed to {p} frames ({tokens} tokens) and asked")
-        ref = native_generate(model, build_inputs(model, proc, chat_segments(proc, Q, frames[:p], FPS)), 8, e.stop_ids)
+        ref = native_generate(model, build_inputs(model, proc, question_events(Q, frames[:p], FPS)), 8, e.stop_ids)
         rows.append({"frames": p, "tokens": tokens, "greedy_equal": ans.token_ids == ref.token_ids,
                      "choice_equal": choice == offline_choice(model, proc, frames[:p]),
                      "max_abs_logit_diff": float((ans.first_logits - ref.first_logits).abs().max())})

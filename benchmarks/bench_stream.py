@@ -25,7 +25,7 @@ import torch  # noqa: E402
 
 from model import StreamConfig, VideoStreamInference  # noqa: E402
 from percentiles import row, summary  # noqa: E402
-from model.offline import build_inputs, chat_segments, native_generate  # noqa: E402
+from model.offline import build_inputs, question_events, native_generate  # noqa: E402
 from model.synthetic import synthetic_frames  # noqa: E402
 from model.testing import QWEN25_VL_3B_CONFIG, build_3b_processor, build_random_model  # noqa: E402
 from model.timing import GIB, device_info, sync  # noqa: E402
@@ -158,7 +158,7 @@ def native(model, proc, seconds: float, fps: int = 30) -> dict:
     torch.cuda.reset_peak_memory_stats()
     res = []
     for _ in range(2):
-        inputs, prep = timed(lambda: build_inputs(model, proc, chat_segments(proc, Q, frames, fps)))
+        inputs, prep = timed(lambda: build_inputs(model, proc, question_events(Q, frames, fps)))
         ans = native_generate(model, inputs, 1, set())
         res.append(1e3 * (prep + ans.ttft_s))
     return {"seconds": seconds, "tokens": inputs.num_tokens, "ttft_ms": res[-1], "peak_gib": torch.cuda.max_memory_allocated() / GIB}

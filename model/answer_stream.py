@@ -143,7 +143,7 @@ def start_answer(engine, question_ids: list[int], update_state: bool, max_new_to
 
     @torch.no_grad()
     def feed(tok: int) -> torch.Tensor:
-        return engine._stream.feed_ids(txn, [tok], logits="last")[:, -1]  # (1, V)
+        return engine._stream.feed_answer_token(txn, tok)  # (1, V)
 
     return txn, Decoding(first, feed, sampler, engine.stop_ids, max_new_tokens, engine._sync, t0), first[0]
 

@@ -32,6 +32,22 @@ def check_fps(fps) -> float:
     return fps
 
 
+def check_timestamps(timestamps, n: int) -> list[float]:
+    """One finite, non-negative time in seconds per frame, non-decreasing."""
+    if isinstance(timestamps, (str, bytes)) or not isinstance(timestamps, Sequence):
+        raise TypeError(f"timestamps must be a sequence of seconds, one per frame, got {type(timestamps).__name__}")
+    if len(timestamps) != n:
+        raise ValueError(f"timestamps has {len(timestamps)} entries for {n} frame(s): give one per frame")
+    out = []
+    for i, t in enumerate(timestamps):
+        if isinstance(t, bool) or not isinstance(t, numbers.Real) or not math.isfinite(float(t)) or t < 0:
+            raise ValueError(f"timestamps[{i}] must be a finite number of seconds >= 0, got {t!r}")
+        if out and t < out[-1]:
+            raise ValueError(f"timestamps must not decrease: timestamps[{i}]={t} after {out[-1]}")
+        out.append(float(t))
+    return out
+
+
 def check_text(name: str, text) -> str:
     """A non-empty, valid Unicode string (a lone surrogate cannot be encoded and is refused)."""
     if not isinstance(text, str):

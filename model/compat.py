@@ -1,15 +1,17 @@
 """The one place that knows which transformers version is installed.
 
 Every difference between the tested transformers releases (4.57.x .. 5.24.x) lives here:
-the vision tower's return type, the language model's cache keyword, ``cache_position``,
-config keys for M-RoPE, and where the processors keep their pixel budgets. The rest of
-the package calls these helpers and never branches on a version itself.
+the vision towers' return types, their precomputed layouts, the language model's cache keyword,
+``cache_position``, the decoder layers' return type, where the processors keep their pixel
+budgets, and how Qwen3-VL's processor lays out a video (5.x nests it, ``unnest_qwen3_video``).
+The rest of the package calls these helpers and never branches on a version itself.
 """
 from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Optional
 
 import torch
 import transformers
@@ -33,7 +35,7 @@ def check_version() -> None:
 # ---------------------------------------------------------------- model internals
 
 def vision_tower(model) -> torch.nn.Module:
-    """The Qwen2.5-VL vision transformer (``model.model.visual`` since 4.52)."""
+    """The vision transformer of any family (``model.model.visual`` since 4.52)."""
     return model.model.visual
 
 
@@ -42,48 +44,66 @@ def language_model(model) -> torch.nn.Module:
     return model.model.language_model
 
 
-def encode_vision(model, pixel_values: torch.Tensor, grid_thw: torch.Tensor, varlen: bool = False,
-                  **static) -> torch.Tensor:
-    """(P, C*T*p*p) patches, (n, 3) grids -> (P / merge^2, D) merged embeddings, grid order.
+def vision_outputs(out) -> tuple[torch.Tensor, list]:
+    """What a vision tower returned -> ((n, D) merged embeddings, [DeepStack features (n, D)]).
 
-    ``varlen``: batch all windows of a layer in one call (``fast_attention.vision_attention``);
-    the tower forwards its keyword arguments to the attention function on 4.57 and 5.x alike.
+    4.57 returns the merged tensor (Qwen2-VL, Qwen2.5-VL) or a (merged, deepstack list) tuple
+    (Qwen3-VL); 5.x returns ``BaseModelOutputWithPooling(pooler_output=merged)``, with
+    ``deepstack_features`` for Qwen3-VL.
     """
-    visual = vision_tower(model)
-    out = visual(pixel_values.to(visual.dtype), grid_thw=grid_thw, stream_varlen=varlen, **static)
-    # 4.57 returns the merged tensor; 5.x returns BaseModelOutputWithPooling(pooler_output=merged).
-    return out if torch.is_tensor(out) else out.pooler_output
+    if torch.is_tensor(out):
+        return out, []
+    if isinstance(out, tuple):
+        return out[0], list(out[1])
+    return out.pooler_output, list(getattr(out, "deepstack_features", None) or [])
 
 
-def vision_static_kwargs(model, grid_thw: torch.Tensor):
-    """The vision tower's window layout for one grid, precomputed, or None where unsupported.
+def vision_static_kwargs(model, grid_thw: torch.Tensor, window: bool = False, interpolate: bool = False):
+    """The vision tower's layout for one grid, precomputed, or None where unsupported.
 
     transformers >= 5.x (``transformers.vision_utils``) lets the vision forward take these as
     keyword arguments instead of computing them with host syncs (``.tolist()``/``.item()``),
     which is what makes the tower capturable in a CUDA graph. 4.57 has no such hook.
+    ``window``: Qwen2.5-VL's window layout too; ``interpolate``: Qwen3-VL's position-grid
+    interpolation indices and weights.
     """
     try:
         from transformers.utils.generic import get_max_seqlen
-        from transformers.vision_utils import (
-            get_vision_attention_seqlens,
-            get_vision_position_ids,
-            get_vision_window_index,
-        )
+        from transformers.vision_utils import get_vision_attention_seqlens, get_vision_position_ids
     except ImportError:
         return None
     visual = vision_tower(model)
     cu_seqlens, max_seqlen = get_vision_attention_seqlens(grid_thw, visual.config)
-    window_index, cu_window_seqlens = get_vision_window_index(
-        grid_thw, spatial_merge_size=visual.spatial_merge_size, window_size=visual.window_size,
-        patch_size=visual.patch_size,
-    )
-    static = {
-        "position_ids": get_vision_position_ids(grid_thw, visual.spatial_merge_size),
-        "cu_seqlens": cu_seqlens, "max_seqlen": max_seqlen, "window_index": window_index,
-        "cu_window_seqlens": cu_window_seqlens, "max_window_seqlen": get_max_seqlen(cu_window_seqlens, visual.config),
-    }
+    static = {"position_ids": get_vision_position_ids(grid_thw, visual.spatial_merge_size),
+              "cu_seqlens": cu_seqlens, "max_seqlen": max_seqlen}
+    if window:
+        from transformers.vision_utils import get_vision_window_index
+
+        window_index, cu_window_seqlens = get_vision_window_index(
+            grid_thw, spatial_merge_size=visual.spatial_merge_size, window_size=visual.window_size,
+            patch_size=visual.patch_size,
+        )
+        static.update(window_index=window_index, cu_window_seqlens=cu_window_seqlens,
+                      max_window_seqlen=get_max_seqlen(cu_window_seqlens, visual.config))
+    if interpolate:
+        try:
+            from transformers.vision_utils import get_vision_interpolation_indices_and_weights
+        except ImportError:
+            return None
+        indices, weights = get_vision_interpolation_indices_and_weights(
+            grid_thw, num_grid_per_side=visual.num_grid_per_side, mode=visual.interpolation_mode,
+            align_corners=visual.interpolation_align_corners, spatial_merge_size=visual.spatial_merge_size)
+        static.update(interp_indices=indices, interp_weights=weights)
     # some come back on the CPU; a host-to-device copy inside a graph capture is not allowed
     return {k: v.to(grid_thw.device) if torch.is_tensor(v) else v for k, v in static.items()}
+
+
+def vision_varlen_supported(module_name: str) -> bool:
+    """Whether a family's vision attention hands ``cu_seqlens`` to attention functions named "flash" (5.x);
+    4.57 splits the segments itself."""
+    import importlib
+
+    return hasattr(importlib.import_module(module_name), "is_flash_attention_requested")
 
 
 @lru_cache(maxsize=None)
@@ -104,21 +124,26 @@ def cache_kwargs(module: torch.nn.Module, cache, cache_len: int, n_new: int, dev
     return kw
 
 
-def run_first_layers(lm: torch.nn.Module, inputs_embeds: torch.Tensor, positions: torch.Tensor, attention_mask,
-                     cache, cache_len: int, layers: int) -> torch.Tensor:
-    """The first ``layers`` decoder layers of text model ``lm``, as its forward runs them -> (1, n, D) hidden.
+def run_decoder(lm: torch.nn.Module, inputs_embeds: torch.Tensor, positions: torch.Tensor, attention_mask, cache,
+                cache_len: int, layers: Optional[int] = None, deepstack: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Text model ``lm`` as its own forward runs it: rotary embeddings once, the decoder layers, the final norm.
 
-    inputs_embeds (1, n, D), positions (3, 1, n). What the forward does before the loop (rotary
-    embeddings) is the same on 4.57 and 5.x; the layers take the cache as ``cache_kwargs`` names it
-    and return a tensor (5.x) or a 1-tuple (4.57).
+    inputs_embeds (1, n, D), positions (3, 1, n); ``attention_mask`` goes to every layer as given
+    (a ``StreamMask`` or an additive tensor: no mask of transformers' own is built). ``layers``:
+    the first ``layers`` only, hidden states returned un-normed (recall's probe). ``deepstack``
+    (k, 1, n, D): added after layer i < k, as Qwen3-VL's text model adds its visual features
+    (there at the visual rows only; here zero rows elsewhere add nothing). The layers take the
+    cache as ``cache_kwargs`` names it and return a tensor (5.x) or a 1-tuple (4.57).
     """
     hidden = inputs_embeds
     rotary = lm.rotary_emb(hidden, positions)
     kwargs = cache_kwargs(lm.layers[0], cache, cache_len, inputs_embeds.shape[1], inputs_embeds.device)
-    for layer in lm.layers[:layers]:
+    for i, layer in enumerate(lm.layers[:layers]):
         out = layer(hidden, attention_mask=attention_mask, position_ids=None, position_embeddings=rotary, **kwargs)
         hidden = out[0] if isinstance(out, tuple) else out
-    return hidden
+        if deepstack is not None and i < deepstack.shape[0]:
+            hidden = hidden + deepstack[i]
+    return hidden if layers is not None else lm.norm(hidden)
 
 
 def new_dynamic_cache(config):

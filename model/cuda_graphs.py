@@ -34,6 +34,7 @@ from . import compat
 from .config import StreamConfig
 from .kv_cache import CacheView, StreamKVCache
 from .kv_cache_manager import KVCacheManager
+from .families import VisionOut
 from .masks import Masks, StreamMask, static_causal_mask
 from .recall import QueryProbe
 
@@ -87,6 +88,7 @@ class _Graph:
     last: Optional[torch.Tensor] = None  # (1,) the row whose logits are returned (the segment's last token)
     index: Optional[torch.Tensor] = None  # (b,) a bounded stream's slots for the rows
     visible: Optional[torch.Tensor] = None  # (capacity,) bool, a bounded stream's kept slots
+    deepstack: Optional[torch.Tensor] = None  # (k, 1, b, D) DeepStack rows of a chunk (Qwen3-VL), zero at text rows
     weights: Optional[torch.Tensor] = None  # (b,) float32 row weights of recall's probe (``QueryProbe``)
     keep: tuple = field(default=())  # every other tensor the graph reads: it must outlive the graph
 
@@ -162,16 +164,19 @@ class GraphRunner(_Recorder):
 
     @torch.no_grad()
     def run(self, kind: str, start: int, inputs: torch.Tensor, positions: torch.Tensor,
-            index: Optional[torch.Tensor] = None, visible: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
+            index: Optional[torch.Tensor] = None, visible: Optional[torch.Tensor] = None,
+            deepstack: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
         """Write a segment at ``start``; capacity for ``rows(kind, n)`` tokens must be there.
 
         kind "ids": (n,) token ids -> (1, 1, V) float32 logits of the last one; kind "embeds":
         (1, n, D) embeddings -> an empty tensor; kind "probe": (n,) token ids -> (P, H_kv, D) query
         means (``QueryProbe``). None if no graph could be captured. A bounded stream passes
         ``index``: (rows,) free slots, the segment's first, and ``visible``: its kept slots.
+        ``deepstack``: (k, 1, n, D) DeepStack rows of an embeddings segment (its graph was captured with them).
         """
         n = inputs.shape[1] if kind == "embeds" else inputs.shape[0]
-        g = self._graph(kind, self.rows(kind, n), start, index)
+        key = "embeds+deepstack" if deepstack is not None else kind
+        g = self._graph(key, self.rows(kind, n), start, index)
         if g is None:
             return None
         if index is not None:
@@ -179,6 +184,8 @@ class GraphRunner(_Recorder):
             g.visible.copy_(visible)
         if kind == "embeds":
             g.inputs.copy_(inputs)
+            if deepstack is not None:
+                g.deepstack.copy_(deepstack)
         else:
             g.inputs[:n].copy_(inputs, non_blocking=True)
         if kind == "probe":
@@ -188,7 +195,7 @@ class GraphRunner(_Recorder):
         g.start.fill_(start)
         g.last.fill_(n - 1)
         g.graph.replay()
-        return g.out[:, :0] if kind == "embeds" else g.out.clone()
+        return g.out if kind == "embeds" else g.out.clone()  # a chunk: a dummy (not None: the graph ran)
 
     def _graph(self, kind: str, b: int, start: int, index: Optional[torch.Tensor] = None) -> Optional[_Graph]:
         if self.buffers is not self.cache.buffers:  # new buffers (growth): every graph points at the old ones
@@ -203,14 +210,19 @@ class GraphRunner(_Recorder):
                 return None
         return self.graphs[key]
 
-    def _capture(self, kind: str, b: int, at: int, slots: Optional[torch.Tensor] = None) -> _Graph:
+    def _capture(self, key: str, b: int, at: int, slots: Optional[torch.Tensor] = None) -> _Graph:
         """Record the step; warm-up and capture write K/V at [at, at+b), past the working head (a bounded
-        stream: at ``slots``, free in every reachable head), never where a committed token is."""
+        stream: at ``slots``, free in every reachable head), never where a committed token is.
+        ``key``: "ids", "probe", "embeds", or "embeds+deepstack" (with static DeepStack rows)."""
         model, device, cfg = self.model, self.model.device, self.config
+        kind = "embeds" if key.startswith("embeds") else key
+        hidden_size = compat.text_config(model.config).hidden_size
         if kind == "embeds":
-            inputs = torch.zeros(1, b, compat.text_config(model.config).hidden_size, dtype=model.dtype, device=device)
+            inputs = torch.zeros(1, b, hidden_size, dtype=model.dtype, device=device)
         else:
             inputs = torch.zeros(b, dtype=torch.long, device=device)
+        layers = model.family.deepstack_layers(model.config) if key == "embeds+deepstack" else 0
+        deepstack = torch.zeros(layers, 1, b, hidden_size, dtype=model.dtype, device=device) if layers else None
         probe = self.probe(b, b) if kind == "probe" else None  # its weights and output are static buffers
         assert probe is None or slots is not None, "recall's probe runs on bounded streams only"
         positions = torch.zeros(3, 1, b, dtype=torch.long, device=device)
@@ -235,15 +247,18 @@ class GraphRunner(_Recorder):
             else:  # the whole capacity, masked per row
                 mask = StreamMask(0, static_causal_mask(index, cols, zero), cfg.fold_max_rows, cfg.rows_max_scores)
             embeds = inputs if kind == "embeds" else model.get_input_embeddings()(inputs)[None]
+            view = CacheView(buffers, 0, index)
             if probe is not None:  # the first layers' attention writes the query means into probe.out
-                model.run_first_layers(CacheView(buffers, 0, index), embeds, positions[:, 0], mask, probe.layers)
+                model.forward_segment(view, embeds, positions[:, 0], mask, layers=probe.layers)
                 return probe.out
-            hidden = model.run_language_model(CacheView(buffers, 0, index), embeds, positions, mask)
-            return model.lm_head(hidden.index_select(1, last)).float() if kind == "ids" else hidden[:, :1, :1]
+            if kind == "ids":  # the logits of the segment's last real row
+                return model.forward_segment(view, embeds, positions[:, 0], mask, logits=last)
+            model.forward_segment(view, embeds, positions[:, 0], mask, logits="none", deepstack=deepstack)
+            return last * 0  # a chunk returns nothing; a graph needs an output
 
         graph, out = self.record(step)
-        return _Graph(graph, inputs, out, positions, start, last, slot_index, visible,
-                      probe.weights if probe is not None else None, keep=(rows, cols, zero, buffers))
+        return _Graph(graph, inputs, out, positions, start, last, slot_index, visible, deepstack=deepstack,
+                      weights=probe.weights if probe is not None else None, keep=(rows, cols, zero, buffers))
 
 
 class VisionGraphs(_Recorder):
@@ -255,8 +270,9 @@ class VisionGraphs(_Recorder):
         self.graphs: dict[tuple, _Graph] = {}
 
     @torch.no_grad()
-    def __call__(self, pixel_values: torch.Tensor, grid_thw: tuple) -> Optional[torch.Tensor]:
-        """(P, C*T*p*p) patches -> (P / merge^2, D) embeddings, or None (then encode eagerly)."""
+    def __call__(self, pixel_values: torch.Tensor, grid_thw: tuple) -> Optional[VisionOut]:
+        """(P, C*T*p*p) patches -> ``VisionOut`` ((P / merge^2, D) embeddings, DeepStack features), or None
+        (then encode eagerly)."""
         if self.disabled is not None:
             return None
         g = self.graphs.get(grid_thw)
@@ -269,18 +285,20 @@ class VisionGraphs(_Recorder):
             self.graphs[grid_thw] = g
         g.inputs.copy_(pixel_values)
         g.graph.replay()
-        return g.out.clone()
+        out = g.out.clone()  # (1 + k, n, D): the embeddings, then k DeepStack feature sets
+        return VisionOut(out[0], out[1:] if out.shape[0] > 1 else None)
 
     def _capture(self, pixel_values: torch.Tensor, grid_thw: tuple) -> _Graph:
-        model = self.model
+        model, family = self.model, self.model.family
         grid = torch.tensor([grid_thw], dtype=torch.long, device=pixel_values.device)
-        static = compat.vision_static_kwargs(model, grid)
+        static = family.vision_static_kwargs(model, grid)
         if static is None:
-            raise ValueError("this transformers version cannot take a precomputed vision window layout")
+            raise ValueError("this transformers version cannot take a precomputed vision layout")
         inputs = pixel_values.to(compat.vision_tower(model).dtype).clone()
 
-        def step() -> torch.Tensor:
-            return compat.encode_vision(model, inputs, grid, varlen=True, **dict(static))  # the forward pops what it uses
+        def step() -> torch.Tensor:  # the forward pops what it uses from its copy of the layout
+            out = family.encode_vision(model, inputs, grid, varlen=True, **dict(static))
+            return torch.cat([out.embeds[None], out.deepstack]) if out.deepstack is not None else out.embeds[None]
 
         graph, out = self.record(step)
         return _Graph(graph, inputs, out, keep=(grid, tuple(static.values())))

@@ -27,7 +27,6 @@ import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl
 
 from . import compat, triton_attention
 from .masks import StreamMask, causal_mask
@@ -161,11 +160,6 @@ AttentionInterface.register(VISION_IMPL, vision_attention)
 compat.register_sdpa_mask(TEXT_IMPL)  # ordinary model(...) calls build the masks sdpa would
 
 
-def vision_varlen_supported() -> bool:
-    """True where the vision attention passes cu_seqlens to 'flash'-named implementations (5.x)."""
-    return hasattr(modeling_qwen2_5_vl, "is_flash_attention_requested")
-
-
 def install(config) -> bool:
     """Point a fresh model config's text and vision attention at the dispatchers (base ``sdpa`` only).
 
@@ -190,11 +184,12 @@ def live_length_kernel(choice: str, fast: bool, device) -> bool:
     return False
 
 
-def backends(config, fast: bool, live_kernel: bool = False) -> dict:
-    """What a stream with ``fast`` runs on this model (reported by ``stats()``)."""
+def backends(config, fast: bool, live_kernel: bool = False, varlen: bool = False) -> dict:
+    """What a stream with ``fast`` runs on this model (reported by ``stats()``); ``varlen``: its vision tower
+    hands the attention function its segments (``Family.varlen_supported``)."""
     installed = config.text_config._attn_implementation == TEXT_IMPL
     base = config._attn_implementation
     return {
         "text_attention": ("stream_triton" if live_kernel else "stream_sdpa") if fast and installed else base,
-        "vision_attention": "stream_flash_varlen" if fast and installed and vision_varlen_supported() else base,
+        "vision_attention": "stream_flash_varlen" if fast and installed and varlen else base,
     }

@@ -57,14 +57,15 @@ class Transaction:
     def length(self) -> int:
         return self.state.last_cache_position
 
-    def wrote(self, n: int, slots: Optional[torch.Tensor] = None, grids: int = 0, seconds_per_grid: float = 0.0,
+    def wrote(self, n: int, slots: Optional[torch.Tensor] = None, units: tuple[int, ...] = (), seconds: float = 0.0,
               **changes) -> None:
         """A forward wrote n tokens at ``length``: advance the working length (and other state fields).
 
-        Bounded streams: ``slots`` (n,) where they went; ``grids`` > 0 if they are that many video grids.
+        Bounded streams: ``slots`` (n,) where they went; ``units``: the sizes of the evictable video units
+        (frame pairs, ``seconds`` of video each) they are, if any.
         """
         if slots is not None:
-            changes["layout"] = self.state.layout.add(self.length, slots, grids, seconds_per_grid)
+            changes["layout"] = self.state.layout.add(self.length, slots, units, seconds)
         self.state = replace(self.state, last_cache_position=self.length + n, **changes)
 
     def update(self, **changes) -> None:
@@ -161,6 +162,14 @@ class KVCacheManager:
             self.cache.ensure(cap + n, keep=cap)  # scattered slots: keep the whole buffers
             slots = free_slots(self._taken(txn), n)
         return slots
+
+    def bring_back(self, txn: Transaction, spans: list) -> None:
+        """Load stored (evicted) grids ``spans`` from the recall store into free slots of ``txn``: visible to the
+        rest of this transaction only (the next ``settle`` drops them again)."""
+        slots = self.allocate(txn, sum(s.n for s in spans))  # (n,) CPU
+        self.recall.load(self.cache, spans, slots.to(self.cache.device))
+        parts = slots.split([s.n for s in spans])
+        txn.update(layout=txn.state.layout.recall([s.moved(part, recalled=True) for s, part in zip(spans, parts)]))
 
     def settle(self, txn: Transaction) -> None:
         """A transaction's last step before its commit: evict what the budget requires (bounded streams).

@@ -189,17 +189,7 @@ def _first_run(free: torch.Tensor, n: int):
     return int(fits[0]) if fits.numel() else None
 
 
-def bring_back(stream, txn, question_ids: list[int]) -> None:
-    """Score the stored grids with the question's own queries (read on a dropped fork of ``txn``), load
-    the best ``recall_grids`` into free slots of ``txn``: visible to this question and its answer only."""
-    probe = txn.fork()
-    stream.ensure_turn(probe)
-    queries = stream.close_block(probe, stream.pieces.question_ids(stream.tokenizer, question_ids), probe=True)
-    stored, kv = txn.state.layout.stored, stream.kv
-    scores = kv.recall.scores(queries, stored)
-    best = sorted(sorted(range(len(stored)), key=lambda i: (-scores[i], -stored[i].seq))[:stream.config.recall_grids])
-    spans = [stored[i] for i in best]
-    slots = kv.allocate(txn, sum(s.n for s in spans))  # (n,) CPU
-    kv.recall.load(kv.cache, spans, slots.to(kv.cache.device))
-    parts = slots.split([s.n for s in spans])
-    txn.update(layout=txn.state.layout.recall([s.moved(part, recalled=True) for s, part in zip(spans, parts)]))
+def best(scores: list[float], stored: tuple[Span, ...], k: int) -> list[Span]:
+    """The ``k`` stored grids that score highest (ties: the newer first), in transcript order."""
+    order = sorted(range(len(stored)), key=lambda i: (-scores[i], -stored[i].seq))[:k]
+    return [stored[i] for i in sorted(order)]

@@ -1,4 +1,4 @@
-"""Multiple-choice scoring: log p(choice | stream, question) for every choice, in bounded memory.
+"""Multiple-choice scoring: which forwards score every choice in bounded memory, and the arithmetic.
 
 After the question is in the (working) cache, choice k with tokens c_0..c_{m-1} scores
 ``log p(c_0 | question) + sum_i log p(c_{i+1} | question, c_0..c_i)``. Only c_0..c_{m-2} need
@@ -7,68 +7,83 @@ Short choices are packed into tree forwards of at most ``StreamConfig.choice_chu
 tokens (each branch sees the cache and its own earlier tokens); a longer choice runs alone,
 causally, in pieces of that size. Only the scored log-probabilities are kept: memory grows with
 the chunk size, not with the number of choices times the vocabulary.
+
+Pure functions: ``plan`` says which forwards to run, ``tree_inputs``/``gather`` build their
+inputs and read their outputs; the stream runs them (``Stream.score_choices``).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from .kv_cache_manager import Transaction
 from .positions import text_positions
 
 TREE_ATTENTION = ("sdpa", "eager")  # base implementations that take an arbitrary additive 4-D mask
 
 
-def score_choices(stream, txn: Transaction, question_logits: torch.Tensor, choice_ids: list[list[int]]) -> list[float]:
-    """question_logits: (V,) logits after the question; returns the summed log-probability of each choice.
+@dataclass(frozen=True)
+class Plan:
+    """The forwards that score a choice set: ``trees`` (groups of choice indices packed into one tree forward
+    each) and ``alone`` (choice indices fed causally, in pieces of ``limit`` tokens, each on its own fork)."""
 
-    Runs on forks of ``txn``; the transaction itself is left where it was.
-    """
-    first = torch.log_softmax(question_logits.float(), -1)  # (V,)
-    scores = [float(first[ids[0]]) for ids in choice_ids]
-    limit = stream.config.choice_chunk_tokens
-    tree = stream.model.config._attn_implementation in TREE_ATTENTION
-    groups, current, size = [], [], 0
+    trees: tuple[tuple[int, ...], ...]
+    alone: tuple[int, ...]
+    limit: int
+
+
+def plan(choice_ids: list[list[int]], limit: int, tree: bool) -> Plan:
+    """Group the choices: packed trees of at most ``limit`` fed tokens where ``tree`` masks are supported."""
+    groups, alone, current, size = [], [], [], 0
     for k, ids in enumerate(choice_ids):
         n = len(ids) - 1  # tokens to feed
         if n == 0:
             continue
         if not tree or n > limit:
-            scores[k] += _causal_score(stream, txn, ids, limit)
+            alone.append(k)
             continue
         if size + n > limit:
-            groups.append(current)
+            groups.append(tuple(current))
             current, size = [], 0
         current.append(k)
         size += n
     if current:
-        groups.append(current)
-    for group in groups:
-        for k, s in zip(group, _tree_scores(stream, txn, [choice_ids[k] for k in group])):
-            scores[k] += s
-    return scores
+        groups.append(tuple(current))
+    return Plan(tuple(groups), tuple(alone), limit)
 
 
-def _gather(logits: torch.Tensor, targets: list[int]) -> torch.Tensor:
-    """(n, V) logits, n targets -> (n,) log-probabilities of the targets (one log-softmax per row)."""
-    t = torch.tensor(targets, device=logits.device)[:, None]
-    return torch.log_softmax(logits.float(), -1).gather(1, t)[:, 0]
+def first_scores(question_logits: torch.Tensor, choice_ids: list[list[int]]) -> list[float]:
+    """(V,) logits after the question -> log p(c_0 | question) of each choice."""
+    first = torch.log_softmax(question_logits.float(), -1)  # (V,)
+    return [float(first[ids[0]]) for ids in choice_ids]
 
 
-def _tree_scores(stream, txn: Transaction, branches: list[list[int]]) -> list[float]:
-    """One forward over several branches (inputs c_0..c_{m-2} each) packed after the working head."""
+def tree_inputs(branches: list[list[int]], next_position: int) -> tuple[list[int], torch.Tensor, list[int]]:
+    """Branches (choices) -> (their fed ids c_0..c_{m-2} packed, (3, L) positions (each branch from
+    ``next_position``), branch lengths)."""
     lengths = [len(ids) - 1 for ids in branches]
     flat = [t for ids in branches for t in ids[:-1]]
-    pos = torch.cat([text_positions(txn.state.next_position, n) for n in lengths], dim=1)  # (3, L)
-    logits = stream.feed_ids(txn.fork(), flat, "all", positions=pos, tree=lengths)[0]  # (L, V)
-    logp = _gather(logits, [t for ids in branches for t in ids[1:]])
+    pos = torch.cat([text_positions(next_position, n) for n in lengths], dim=1)  # (3, L)
+    return flat, pos, lengths
+
+
+def tree_scores(logits: torch.Tensor, branches: list[list[int]]) -> list[float]:
+    """(L, V) logits of a tree forward -> each branch's summed log-probability of c_1..c_{m-1}."""
+    lengths = [len(ids) - 1 for ids in branches]
+    logp = gather(logits, [t for ids in branches for t in ids[1:]])
     return [float(part.sum()) for part in logp.split(lengths)]
 
 
-def _causal_score(stream, txn: Transaction, ids: list[int], limit: int) -> float:
-    """One branch fed alone on a fork, in causal pieces of at most ``limit`` tokens."""
-    fork, total = txn.fork(), 0.0
+def pieces(ids: list[int], limit: int) -> list[tuple[list[int], list[int]]]:
+    """A choice fed alone -> [(fed tokens, the tokens they predict)] in pieces of at most ``limit``."""
+    out = []
     for i in range(0, len(ids) - 1, limit):
         piece = ids[i:min(i + limit, len(ids) - 1)]
-        logits = stream.feed_ids(fork, piece, logits="all")[0]  # (len(piece), V)
-        total += float(_gather(logits, ids[i + 1:i + 1 + len(piece)]).sum())
-    return total
+        out.append((piece, ids[i + 1:i + 1 + len(piece)]))
+    return out
+
+
+def gather(logits: torch.Tensor, targets: list[int]) -> torch.Tensor:
+    """(n, V) logits, n targets -> (n,) log-probabilities of the targets (one log-softmax per row)."""
+    t = torch.tensor(targets, device=logits.device)[:, None]
+    return torch.log_softmax(logits.float(), -1).gather(1, t)[:, 0]

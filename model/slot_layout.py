@@ -115,21 +115,26 @@ class SlotLayout:
             self._cache[key] = v.to(key[1])
         return self._cache[key]
 
-    def add(self, seq: int, slots: torch.Tensor, grids: int = 0, seconds_per_grid: float = 0.0) -> "SlotLayout":
+    def add(self, seq: int, slots: torch.Tensor, units: tuple[int, ...] = (), seconds_per_unit: float = 0.0
+            ) -> "SlotLayout":
         """The layout with ``slots`` (n,) holding transcript tokens [seq, seq+n).
 
-        grids > 0: the segment is that many video grids of equal size (evictable unless in the sink).
+        ``units``: the segment is these video units (frame pairs, with their markers where the family has
+        them) of these sizes, evictable unless in the sink; () for text and images, never evicted.
         """
         slots = slots.to("cpu", torch.long)
-        if grids == 0:
+        if not units:
             new = (Span(seq, slots),)
         else:
-            assert slots.numel() % grids == 0, f"{slots.numel()} tokens do not split into {grids} grids"
-            per = slots.numel() // grids
-            new = tuple(Span(seq + k * per, slots[k * per:(k + 1) * per], self.grids + k, seconds_per_grid,
-                             self.grid_seconds + k * seconds_per_grid) for k in range(grids))
+            assert sum(units) == slots.numel(), f"units {units} do not cover the segment's {slots.numel()} tokens"
+            edges = [0]
+            for size in units:
+                edges.append(edges[-1] + size)
+            new = tuple(Span(seq + a, slots[a:b], self.grids + k, seconds_per_unit,
+                             self.grid_seconds + k * seconds_per_unit) for k, (a, b) in enumerate(zip(edges, edges[1:])))
+        grids = len(units)
         out = self._with(spans=self.spans + new, grids=self.grids + grids,
-                         grid_seconds=self.grid_seconds + grids * seconds_per_grid)
+                         grid_seconds=self.grid_seconds + grids * seconds_per_unit)
         top = int(slots.max())
         for (capacity, device), v in self._cache.items():  # decode steps: O(capacity) copy, no Python loop
             if top < capacity:

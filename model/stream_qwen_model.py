@@ -1,31 +1,68 @@
-"""StreamQwenModel: Qwen2.5-VL that runs one segment at a time into a cache it is handed.
+"""StreamQwenModel: a Qwen-VL model of any supported family that runs one segment at a time into a cache it is handed.
 
-The model is stateless: it holds weights, never a stream. A segment is either text token ids
-or the merged vision embeddings of a chunk; its M-RoPE positions come from ``positions.py``
-(the reference formula) and are passed explicitly, so transformers' cached ``rope_deltas``
-and its own ``get_rope_index`` are never used. Where a segment's K/V go is given by the
-``CacheView`` the caller passes (see ``kv_cache.py``). Any number of streams
-(``VideoStreamInference`` objects) share one model.
+The model is stateless: it holds weights, never a stream. ``StreamQwenModel`` is a mixin over
+the family's transformers class (``StreamQwenModel.for_family``; ``StreamQwenModel(config)``
+and ``from_pretrained`` pick the family from the config's ``model_type``). A segment is text
+token ids or embeddings (vision rows already in place); its M-RoPE positions come from
+``transcript.positions`` and are passed explicitly, so transformers' cached ``rope_deltas`` and
+its own ``get_rope_index`` are never used. Where a segment's K/V go is given by the
+``CacheView`` the caller passes (``kv_cache.py``). ``forward_segment`` is the one forward, used
+eagerly and inside CUDA graphs alike. Any number of streams share one model.
 """
 from __future__ import annotations
 
+import json
+import os
+from functools import lru_cache
 from typing import Literal, Optional, Union
 
 import torch
-from transformers import Qwen2_5_VLForConditionalGeneration
 
 from . import compat, fast_attention
+from .families import Family, VisionOut, family_of
 from .kv_cache import CacheView
 from .masks import StreamMask
 
 
-class StreamQwenModel(Qwen2_5_VLForConditionalGeneration):
-    """``Qwen2_5_VLForConditionalGeneration`` plus segment-wise forwards into an explicit cache."""
+class StreamQwenModel:
+    """A family's ``...ForConditionalGeneration`` plus segment-wise forwards into an explicit cache (a mixin:
+    instances are of ``StreamQwenModel.for_family(family)``)."""
+
+    family: Family
+
+    def __new__(cls, *args, **kwargs):
+        if cls is StreamQwenModel:  # StreamQwenModel(config): the class of the config's family
+            config = args[0] if args else kwargs.get("config")
+            cls = StreamQwenModel.for_family(family_of(getattr(config, "model_type", None)))
+        return object.__new__(cls)
 
     def __init__(self, config, *args, **kwargs):
         super().__init__(config, *args, **kwargs)
         # Overridden: on sdpa, attention dispatches per call (fast_attention.py); set once, before any stream exists.
         self.stream_kernels = fast_attention.install(self.config)
+
+    @staticmethod
+    @lru_cache(maxsize=None)
+    def for_family(family: Family) -> type:
+        """The stream model class of ``family``: this mixin over the family's transformers class."""
+        base = family.model_class()
+        klass = type(f"Stream{base.__name__}", (StreamQwenModel, base), {"family": family, "__module__": __name__})
+        globals()[klass.__name__] = klass  # importable by name: pickle and copy find it
+        return klass
+
+    @classmethod
+    def from_pretrained(cls, path, *args, **kwargs):
+        """Load a local checkpoint folder as the family its ``config.json`` names; an unsupported ``model_type``
+        or weights the checkpoint lacks (which transformers would initialise at random) are errors."""
+        if cls is StreamQwenModel:
+            return StreamQwenModel.for_family(checkpoint_family(path)).from_pretrained(path, *args, **kwargs)
+        model, info = super().from_pretrained(path, *args, output_loading_info=True, **kwargs)
+        missing = sorted(info.get("missing_keys") or [])
+        if missing:
+            raise ValueError(f"{path}: the checkpoint lacks {len(missing)} weight(s) of a {cls.family.model_type} "
+                             f"model (e.g. {missing[:3]}); they would be newly initialised (random): is the folder "
+                             "complete and of this family?")
+        return model
 
     @property
     def stream_state(self):
@@ -40,10 +77,12 @@ class StreamQwenModel(Qwen2_5_VLForConditionalGeneration):
 
     # -- vision ----------------------------------------------------------------------
     @torch.no_grad()
-    def encode_vision(self, pixel_values: torch.Tensor, grid_thw: tuple[int, int, int], varlen: bool = False) -> torch.Tensor:
-        """(P, C*T*p*p) patches of one grid -> (P / merge^2, D_text) embeddings in (t, row, col) order."""
+    def encode_vision(self, pixel_values: torch.Tensor, grid_thw: tuple[int, int, int], varlen: bool = False,
+                      **static) -> VisionOut:
+        """(P, C*T*p*p) patches of one grid -> ``VisionOut``: (P / merge^2, D) embeddings in (t, row, col) order
+        (and DeepStack features where the family has them)."""
         grid = torch.tensor([grid_thw], dtype=torch.long, device=pixel_values.device)
-        return compat.encode_vision(self, pixel_values, grid, varlen=varlen)
+        return self.family.encode_vision(self, pixel_values, grid, varlen=varlen, **static)
 
     # -- segments --------------------------------------------------------------------
     def embed_ids(self, token_ids: torch.Tensor) -> torch.Tensor:
@@ -57,40 +96,48 @@ class StreamQwenModel(Qwen2_5_VLForConditionalGeneration):
         inputs_embeds: torch.Tensor,
         positions: torch.Tensor,
         attention_mask: Union[torch.Tensor, StreamMask],
-        logits: Literal["none", "last", "all"] = "last",
+        logits: Union[Literal["none", "last", "all"], torch.Tensor] = "last",
+        deepstack: Optional[torch.Tensor] = None,
+        layers: Optional[int] = None,
     ) -> Optional[torch.Tensor]:
-        """Write one segment's K/V through ``view`` and return its logits.
+        """Write one segment's K/V through ``view``; the one forward of eager and captured segments alike.
 
         inputs_embeds: (1, n, D); positions: (3, n) M-RoPE positions; attention_mask: an additive
-        (1, 1, n, keys) tensor or a ``StreamMask``. Returns (1, n|1, V) float32 logits, or None.
-        """
-        hidden = self.run_language_model(view, inputs_embeds, positions.to(inputs_embeds.device)[:, None, :],
-                                         attention_mask)
-        if logits == "none":
-            return None
-        return self.lm_head(hidden if logits == "all" else hidden[:, -1:]).float()
-
-    def run_language_model(self, view: CacheView, inputs_embeds: torch.Tensor, positions: torch.Tensor,
-                           attention_mask) -> torch.Tensor:
-        """(1, n, D) embeddings at (3, 1, n) positions through the decoder -> (1, n, D) hidden states.
-
-        A ``StreamMask`` goes in a per-layer-type dict so that transformers builds no mask of its own
-        and hands it to the attention function as is; a 4-D tensor is used as given.
-        """
-        if isinstance(attention_mask, StreamMask):
-            attention_mask = {"full_attention": attention_mask, "sliding_attention": attention_mask}
-        lm = compat.language_model(self)
-        out = lm(inputs_embeds=inputs_embeds, position_ids=positions, attention_mask=attention_mask,
-                 **compat.cache_kwargs(lm, view, view.start, inputs_embeds.shape[1], inputs_embeds.device))
-        return out.last_hidden_state
-
-    def run_first_layers(self, view: CacheView, inputs_embeds: torch.Tensor, positions: torch.Tensor,
-                         attention_mask: StreamMask, layers: int) -> torch.Tensor:
-        """(1, n, D) embeddings at (3, n) positions through the first ``layers`` decoder layers only.
-
-        For recall's probe, which reads the queries of those layers (``attention_mask.on_query``):
-        the later layers' K/V are not written and the hidden states are not normed.
+        (1, 1, n, keys) tensor or a ``StreamMask``; deepstack: (k, 1, n, D) added to the hidden
+        states after layer i < k (zero rows where no vision token is). ``logits``: "none", "last",
+        "all", or a (1,) device index of the row to return (a graph's last real row) -> (1, n|1, V)
+        float32. ``layers``: only the first ``layers`` decoder layers run (recall's probe; returns
+        their un-normed hidden states, logits none).
         """
         lm = compat.language_model(self)
-        return compat.run_first_layers(lm, inputs_embeds, positions.to(inputs_embeds.device)[:, None, :],
-                                       attention_mask, view, view.start, layers)
+        hidden = compat.run_decoder(lm, inputs_embeds, positions.to(inputs_embeds.device)[:, None, :], attention_mask,
+                                    view, view.start, layers=layers, deepstack=deepstack)
+        if layers is not None or (isinstance(logits, str) and logits == "none"):
+            return None if layers is None else hidden
+        if torch.is_tensor(logits):
+            hidden = hidden.index_select(1, logits)
+        elif logits == "last":
+            hidden = hidden[:, -1:]
+        return self.lm_head(hidden).float()
+
+
+def checkpoint_family(path) -> Family:
+    """The family a checkpoint folder's ``config.json`` names (``model_type``)."""
+    if not isinstance(path, (str, os.PathLike)) or not os.path.isdir(path):
+        raise ValueError(f"Model not found: {path!r} is not a folder; set QWEN_MODEL_PATH to a local Qwen-VL "
+                         "checkpoint folder")
+    config = os.path.join(path, "config.json")
+    if not os.path.isfile(config):
+        raise ValueError(f"{path}: no config.json: not a transformers checkpoint folder")
+    with open(config) as f:
+        return family_of(json.load(f).get("model_type"))
+
+
+def __getattr__(name: str):
+    """``model.stream_qwen_model.Stream<transformers class>``: made on first use (unpickling in a new process)."""
+    from .families import FAMILIES
+
+    for family in FAMILIES:
+        if name == f"Stream{family.hf_class}":
+            return StreamQwenModel.for_family(family)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -22,7 +22,7 @@ from typing import Any, Optional, Sequence
 import torch
 
 from . import compat
-from .arguments import check_bool, check_choices, check_fps, check_max_new_tokens, user_text_ids
+from .arguments import check_bool, check_choices, check_fps, check_max_new_tokens, check_timestamps, user_text_ids
 from .config import StreamConfig, resolve_config
 from .answer_stream import AnswerStream, finish_answer, start_answer, streamer_feed
 from .chunk_info import ChunkInfo
@@ -32,7 +32,7 @@ from .slot_layout import check_budget
 from .frames import to_frame_list
 from .loading import load_checkpoint
 from .prompt import encode, extract_vision_segment, prompt_pieces, token_ids
-from .scoring import TREE_ATTENTION, score_choices
+from .scoring import TREE_ATTENTION
 from .stream import Stream, StreamState
 from .stream_qwen_model import StreamQwenModel
 from .transaction import Transactional
@@ -65,8 +65,8 @@ class VideoStreamInference(Transactional):
         self.processor = processor
         self.tokenizer = getattr(processor, "tokenizer", processor)
         self.pieces = prompt_pieces(processor)
-        self.video_pixels = compat.pixel_config(compat.video_processor(processor))
-        self.image_pixels = compat.pixel_config(processor.image_processor)
+        self.video_pixels = model.family.video_pixels(processor)
+        self.image_pixels = model.family.image_pixels(processor)
         ids = token_ids(self.tokenizer, ["<|im_end|>", "<|endoftext|>"])
         eos = model.generation_config.eos_token_id if model.generation_config is not None else None
         self.stop_ids = set(ids) | set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
@@ -87,17 +87,21 @@ class VideoStreamInference(Transactional):
         return cls(*load_checkpoint(path, device, dtype, attn_implementation), fast=fast, config=config)
 
     # ------------------------------------------------------------------ public API
-    def append_frames(self, frames: Any, fps: Optional[float] = None) -> ChunkInfo:
+    def append_frames(self, frames: Any, fps: Optional[float] = None,
+                      timestamps: Optional[Sequence[float]] = None) -> ChunkInfo:
         """Encode a chunk of video frames (any count >= 1) into the open video block.
 
         frames: one frame or a sequence (numpy HxWx3 uint8 RGB, PIL RGB images, torch (3,H,W) or
         (H,W,3) uint8 or float in [0, 1], or an (N,H,W,3) array). fps: of this video block
         (None: the stream's last fps). A new video block is sized by its first frame; later frames
-        of another size are resized to it. Returns a ``ChunkInfo``.
+        of another size are resized to it. ``timestamps``: each frame's time in seconds (what
+        ``open_video`` yields), non-decreasing over the stream; Qwen3-VL writes them before each
+        frame pair (default: the stream's time at ``fps``). Returns a ``ChunkInfo``.
         """
         t0 = time.perf_counter()
         raw = to_frame_list(frames)
-        return self._transaction(self._append_frames, raw, fps, t0)
+        times = check_timestamps(timestamps, len(raw)) if timestamps is not None else None
+        return self._transaction(self._append_frames, raw, fps, times, t0)
 
     def append_image(self, image: Any) -> ChunkInfo:
         """Encode one still image as its own image block (closes an open video block first)."""
@@ -247,11 +251,14 @@ class VideoStreamInference(Transactional):
 
     # ------------------------------------------------------------------ the work of each call
     @torch.no_grad()
-    def _append_frames(self, raw: list, fps, t0: float):
+    def _append_frames(self, raw: list, fps, timestamps: Optional[list[float]], t0: float):
         txn = self.kv.begin()
         st = txn.state
         fps = check_fps(fps if fps is not None else st.fps if st.fps is not None else self._default_fps())
-        n_encoded = self._stream.append_video(txn, raw, fps)
+        if timestamps is not None and st.last_frame_s is not None and timestamps[0] < st.last_frame_s:
+            raise ValueError(f"timestamps go back in time: the first is {timestamps[0]} s, the stream's last frame "
+                             f"was at {st.last_frame_s} s")
+        n_encoded = self._stream.append_video(txn, raw, fps, timestamps)
         self.kv.settle(txn)
         self._sync()  # encode_s is the time until the chunk is in the cache, not until its kernels are queued
         return txn, ChunkInfo(st.chunks, len(raw), n_encoded, txn.state.pending_frame is not None,
@@ -285,7 +292,7 @@ class VideoStreamInference(Transactional):
     def _score(self, question_ids: list[int], choice_ids: list[list[int]]):
         txn = self.kv.begin(commits=False)
         q_logits = self._stream.open_question(txn, question_ids)[0]  # (V,)
-        return None, (score_choices(self._stream, txn, q_logits, choice_ids), recalled(txn.state.layout))
+        return None, (self._stream.score_choices(txn, q_logits, choice_ids), recalled(txn.state.layout))
 
     def _reserve(self, tokens: int):
         self.kv.reserve(tokens)

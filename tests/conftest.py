@@ -48,3 +48,11 @@ def assert_same_signature(a: dict, b: dict) -> None:
         vb = b["state"][name]
         same = torch.equal(va, vb) if isinstance(va, torch.Tensor) and isinstance(vb, torch.Tensor) else va == vb
         assert same, f"stream_state.{name}: {va!r} != {vb!r}"
+
+
+def captures(engine: VideoStreamInference, kind: str = "cuda_graphs") -> int:
+    """Graphs an engine captured so far (``stats()``: "on (N captures)"; with ``StreamConfig(emulate_graphs=True)``
+    on CPU each replay re-runs its step eagerly, so the graph paths run and count as on a GPU)."""
+    status = engine.stats()[kind]
+    assert status.startswith("on ("), status
+    return int(status.split("(")[1].split()[0])

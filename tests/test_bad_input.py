@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from model import StreamConfig, VideoStreamInference
-from model.offline import build_inputs, chat_segments, native_logits
+from model.offline import build_inputs, question_events, native_logits
 from model.testing import synthetic_frames
 from tests.conftest import assert_same_signature, signature
 
@@ -91,7 +91,7 @@ def test_frame_of_different_size_midstream_is_resized(engine, tiny):
     engine.append_frames(big + odd, fps=4)
     assert engine.state.frame_size == (84, 112)
     ans = engine.ask("What?", max_new_tokens=2)
-    ref = native_logits(model, build_inputs(model, proc, chat_segments(proc, "What?", GOOD[:2] + big + odd, 4)))
+    ref = native_logits(model, build_inputs(model, proc, question_events("What?", GOOD[:2] + big + odd, 4)))
     assert (ans.first_logits - ref[0, -1]).abs().max() <= 1e-4
 
 

@@ -18,11 +18,9 @@ import torch
 import pytest
 
 from model import StreamConfig, VideoStreamInference
-from model.cuda_graphs import GraphRunner
-from model.offline import bounded_visibility, build_inputs, masked_logits
-from model.prompt import VISION_END, VISION_START
+from model.offline import Answer, Image, Question, Video, bounded_visibility, build_inputs, masked_logits
 from model.testing import synthetic_frames
-from tests.conftest import assert_same_signature, signature
+from tests.conftest import assert_same_signature, captures, signature
 
 TOL = 1e-4
 FRAMES = synthetic_frames(40, 56, 84, seed=21)  # 6 tokens per 2-frame grid
@@ -30,13 +28,12 @@ IMAGE = np.asarray(synthetic_frames(1, 84, 56, seed=22)[0])
 
 
 class Recorded:
-    """Drives a bounded engine and builds, call by call, the offline transcript and what each call saw."""
+    """Drives a bounded engine and records, call by call, the transcript's events and what each call saw."""
 
     def __init__(self, engine: VideoStreamInference):
-        self.engine, self.p = engine, engine.pieces
-        self.segments: list = []
+        self.engine = engine
+        self.events: list = []
         self.calls: list = []  # (start, end, kept ranges when the call began)
-        self.turn_open, self.block = False, None  # block: None, or the open video block's [frames, fps]
         self.recalls = 0
 
     def _refused(self, fn) -> bool:
@@ -58,58 +55,28 @@ class Recorded:
         self.calls.append((start, self.engine.stream_state.last_cache_position, kept + recalled))
         return out
 
-    def _turn(self) -> None:
-        if not self.turn_open:
-            self.segments.append(("text", self.p.turn_header if self.segments else self.p.first_turn_header))
-            self.turn_open = True
-
-    def _close_block(self) -> str:
-        if self.block is None:
-            return ""
-        self.segments.append(("video", list(self.block[0]), self.block[1]))
-        self.block = None
-        return VISION_END
-
     def video(self, frames, fps) -> None:
-        if self._refused(lambda: self.engine.append_frames(frames, fps=fps)):
-            return
-        self._turn()
-        if self.block is None:
-            self.segments.append(("text", VISION_START))
-            self.block = [[], fps]
-        self.block[0].extend(frames)
+        if not self._refused(lambda: self.engine.append_frames(frames, fps=fps)):
+            self.events.append(Video(list(frames), fps))
 
     def image(self) -> None:
-        if self._refused(lambda: self.engine.append_image(IMAGE)):
-            return
-        self._turn()
-        self.segments += [("text", self._close_block() + VISION_START), ("image", IMAGE), ("text", VISION_END)]
-
-    def _question(self, question: str) -> list:
-        head, tail = self.p.question_tail.split("\x00QUESTION\x00")
-        return [("text", self._close_block() + head), ("user", question), ("text", tail)]
+        if not self._refused(lambda: self.engine.append_image(IMAGE)):
+            self.events.append(Image(IMAGE))
 
     def turn(self, question: str) -> None:
         answers = []
         if self._refused(lambda: answers.append(self.engine.ask(question, update_state=True, max_new_tokens=2))
                          or answers[-1]):
             return
-        ans = answers[-1]
-        self._turn()
-        self.segments += self._question(question) + [("ids", ans.token_ids), ("text", self.p.answer_tail)]
-        self.turn_open = False
+        self.events += [Question(question), Answer(answers[-1].token_ids)]
 
     def check_ask(self, question: str) -> None:
         """The question's logits equal the masked offline reference (the stream is left as it was)."""
         st, before = self.engine.stream_state, signature(self.engine)
         ans = self.engine.ask(question, max_new_tokens=1)
         assert_same_signature(before, signature(self.engine))
-        saved = (list(self.segments), self.turn_open, self.block and [list(self.block[0]), self.block[1]])
-        self._turn()
-        segments = self.segments + self._question(question)
-        self.segments, self.turn_open, self.block = saved
         model, proc = self.engine.model, self.engine.processor
-        inputs = build_inputs(model, proc, segments)
+        inputs = build_inputs(model, proc, self.events + [Question(question)])
         recalled = [(r.seq, r.tokens) for r in ans.recalled]
         assert len(recalled) == min(self.engine.config.recall_grids, len(st.layout.stored))
         self.recalls += len(recalled)
@@ -143,12 +110,10 @@ def test_random_bounded_streams_equal_the_masked_offline_reference(tiny, seed, r
     fps = rng.choice([1, 2, 4])
     tokens = [None, 90, 110, 140 if seed < 6 else 100][seed % 4]
     window = rng.choice([2.0, 3.0]) if tokens is None else rng.choice([None, 1.5, 3.0])
-    config = StreamConfig(fast=seed % 2 == 0, cache_budget_tokens=tokens, video_window_seconds=window,
-                          sink_frames=rng.choice([0, 2, 3]), recall_grids=recall, recall_host_tokens=60)
+    config = StreamConfig(fast=seed % 2 == 0 or graphs, cache_budget_tokens=tokens, video_window_seconds=window,
+                          sink_frames=rng.choice([0, 2, 3]), recall_grids=recall, recall_host_tokens=60,
+                          emulate_graphs=graphs)
     rec, texts = Recorded(VideoStreamInference(*tiny, config=config)), set()
-    if graphs:
-        rec.engine._stream.runner = GraphRunner(tiny[0], rec.engine.kv, rec.engine.config, capture=False,
-                                                probe=rec.engine._stream.query_probe)
     seen, evictions = 0, 0
     while seen < 30:
         n = rng.randint(1, 5)
@@ -166,7 +131,7 @@ def test_random_bounded_streams_equal_the_masked_offline_reference(tiny, seed, r
     rec.check_ask("And now?")
     assert evictions > 0, "the budget never evicted anything: the test would not test eviction"
     assert rec.recalls > 0 if recall else rec.recalls == 0
-    assert not graphs or rec.engine._stream.runner.captures > 0
+    assert not graphs or captures(rec.engine) > 0
     if recall:  # the host keeps at most recall_host_tokens of evicted video, the newest
         stored = rec.engine.stream_state.layout.stored
         assert 0 < sum(s.n for s in stored) <= 60 and [s.grid for s in stored] == sorted(s.grid for s in stored)

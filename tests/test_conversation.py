@@ -4,20 +4,18 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from model.offline import build_inputs, native_logits
-from model.prompt import VISION_END, VISION_START
+from model.offline import Answer, Image, Question, Video, build_inputs, native_logits
 from model.testing import synthetic_frames
 
 TOL = 1e-4
 
 
-def offline_last_logits(engine, segments):
+def offline_last_logits(engine, events):
     model, proc = engine.model, engine.processor
-    return native_logits(model, build_inputs(model, proc, segments))[0, -1]
+    return native_logits(model, build_inputs(model, proc, events))[0, -1]
 
 
 def test_two_turns_with_odd_frames_equal_offline_transcript(engine):
-    pieces = engine.pieces
     a, b = synthetic_frames(5, 90, 120, seed=1), synthetic_frames(4, 90, 120, seed=2)
     engine.append_frames(a[:2], fps=2)
     engine.append_frames(a[2:], fps=2)  # 5 frames: the 5th is held, then committed padded
@@ -26,32 +24,21 @@ def test_two_turns_with_odd_frames_equal_offline_transcript(engine):
     engine.append_frames(b, fps=4)  # new turn, new video block, different fps is fine
     second = engine.ask("And now?", max_new_tokens=3)
 
-    transcript = [
-        ("text", pieces.first_turn_header + VISION_START), ("video", a, 2),
-        ("text", VISION_END + pieces.question("What happened?")), ("ids", first.token_ids),
-        ("text", pieces.answer_tail + pieces.turn_header + VISION_START), ("video", b, 4),
-        ("text", VISION_END + pieces.question("And now?")),
-    ]
+    transcript = [Video(a, 2), Question("What happened?"), Answer(first.token_ids), Video(b, 4), Question("And now?")]
     diff = (second.first_logits - offline_last_logits(engine, transcript)).abs().max()
     assert diff <= TOL, diff
 
 
 def test_text_only_turn_after_video_turn(engine):
-    pieces = engine.pieces
     a = synthetic_frames(4, 90, 120)
     engine.append_frames(a, fps=2)
     first = engine.ask("Describe.", update_state=True, max_new_tokens=4)
     second = engine.ask("Why?", max_new_tokens=2)
-    transcript = [
-        ("text", pieces.first_turn_header + VISION_START), ("video", a, 2),
-        ("text", VISION_END + pieces.question("Describe.")), ("ids", first.token_ids),
-        ("text", pieces.answer_tail + pieces.turn_header + pieces.question("Why?")),
-    ]
+    transcript = [Video(a, 2), Question("Describe."), Answer(first.token_ids), Question("Why?")]
     assert (second.first_logits - offline_last_logits(engine, transcript)).abs().max() <= TOL
 
 
 def test_image_blocks_between_videos_equal_offline(engine):
-    pieces = engine.pieces
     img = np.asarray(synthetic_frames(1, 100, 70, seed=5)[0])
     v1, v2 = synthetic_frames(3, 90, 120, seed=3), synthetic_frames(2, 90, 120, seed=4)
     engine.append_frames(v1, fps=1)  # odd: committed padded when the image closes the block
@@ -59,21 +46,15 @@ def test_image_blocks_between_videos_equal_offline(engine):
     assert info.tokens_added > 0 and engine.state.block_start is None
     engine.append_frames(v2, fps=1)  # a new video block, temporal index restarts at 0
     ans = engine.ask("What was in the picture?", max_new_tokens=3)
-    transcript = [
-        ("text", pieces.first_turn_header + VISION_START), ("video", v1, 1),
-        ("text", VISION_END + VISION_START), ("image", img), ("text", VISION_END + VISION_START),
-        ("video", v2, 1), ("text", VISION_END + pieces.question("What was in the picture?")),
-    ]
+    transcript = [Video(v1, 1), Image(img), Video(v2, 1), Question("What was in the picture?")]
     assert (ans.first_logits - offline_last_logits(engine, transcript)).abs().max() <= TOL
 
 
 def test_single_image_mode(engine):
-    pieces = engine.pieces
     img = synthetic_frames(1, 120, 120, seed=9)[0]
     engine.append_image(img)
     ans = engine.ask("What shape?", max_new_tokens=2)
-    transcript = [("text", pieces.first_turn_header + VISION_START), ("image", img),
-                  ("text", VISION_END + pieces.question("What shape?"))]
+    transcript = [Image(img), Question("What shape?")]
     assert (ans.first_logits - offline_last_logits(engine, transcript)).abs().max() <= TOL
 
 
@@ -85,15 +66,13 @@ def test_reset_starts_a_new_stream(engine):
     frames = synthetic_frames(2, 90, 120)
     engine.append_frames(frames, fps=2)
     ans = engine.ask("y?", max_new_tokens=2)
-    transcript = [("text", engine.pieces.first_turn_header + VISION_START), ("video", frames, 2),
-                  ("text", VISION_END + engine.pieces.question("y?"))]
+    transcript = [Video(frames, 2), Question("y?")]
     assert (ans.first_logits - offline_last_logits(engine, transcript)).abs().max() <= TOL
     assert torch.isfinite(ans.first_logits).all()
 
 
 def test_two_videos_of_different_sizes_with_an_image_between_equal_offline(engine):
     """Each video block is sized by its own first frame, as the offline path and transformers size each video."""
-    pieces = engine.pieces
     landscape = synthetic_frames(4, 90, 120, seed=1)  # -> 84x112
     portrait = synthetic_frames(5, 240, 120, seed=2)  # -> its own portrait size, odd count
     img = np.asarray(synthetic_frames(1, 100, 70, seed=5)[0])
@@ -105,10 +84,6 @@ def test_two_videos_of_different_sizes_with_an_image_between_equal_offline(engin
     engine.append_frames(portrait[2:], fps=2)
     assert size != (84, 112) and size[0] > size[1]
     ans = engine.ask("And now?", max_new_tokens=2)
-    transcript = [
-        ("text", pieces.first_turn_header + VISION_START), ("video", landscape, 2),
-        ("text", VISION_END + pieces.question("Describe.")), ("ids", first.token_ids),
-        ("text", pieces.answer_tail + pieces.turn_header + VISION_START), ("image", img),
-        ("text", VISION_END + VISION_START), ("video", portrait, 2), ("text", VISION_END + pieces.question("And now?")),
-    ]
+    transcript = [Video(landscape, 2), Question("Describe."), Answer(first.token_ids), Image(img), Video(portrait, 2),
+                  Question("And now?")]
     assert (ans.first_logits - offline_last_logits(engine, transcript)).abs().max() <= TOL

@@ -314,15 +314,16 @@ def test_the_miniature_generator_counts_what_is_on_screen_and_asks_short_videos_
 
 
 def test_resets_keep_the_engines_memory_so_a_second_pass_captures_and_allocates_nothing(bench, engine, tmp_path):
-    from model.cuda_graphs import GraphRunner
-    engine._stream.runner = GraphRunner(engine.model, engine.kv, engine.config, capture=False)  # counts captures
+    from model import StreamConfig, VideoStreamInference
+    from tests.conftest import captures
+    engine = VideoStreamInference(engine.model, engine.processor, config=StreamConfig(emulate_graphs=True))
     ann = read_annotations("ovo", bench / "ovo.json")
     config = _config(modes=("stream", "window", "reprefill"))
     first = run_benchmark(engine, ann, bench / "videos_root", tmp_path / "one", config)
-    captures, allocations = engine._stream.runner.captures, engine.kv.cache.allocations
+    captured, allocations = captures(engine), engine.kv.cache.allocations
     second = run_benchmark(engine, ann, bench / "videos_root", tmp_path / "two", config)
-    assert first.completed and second.completed and captures > 0
-    assert engine._stream.runner.captures == captures and engine.kv.cache.allocations == allocations
+    assert first.completed and second.completed and captured > 0
+    assert captures(engine) == captured and engine.kv.cache.allocations == allocations
     answers = lambda r: [(x["event_id"], x["mode"], x["choice"]["scores"], x["letter"]["scores"]) for x in r.records]  # noqa: E731
     assert answers(first) == answers(second)  # a kept-memory reset changes no answer
     assert all(x["memory_mib"]["cache"] > 0 for x in second.records), [(x["mode"], x["memory_mib"]) for x in second.records]

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from model import StreamConfig, VideoStreamInference
-from model.offline import build_inputs, chat_segments, native_generate, native_logits
+from model.offline import Continuation, build_inputs, native_generate, native_logits, question_events
 from model.testing import synthetic_frames
 
 TOL = 1e-4
@@ -28,7 +28,7 @@ def random_chunks(n_frames: int, seed: int) -> list[int]:
 
 
 def offline_first_logits(model, proc, frames, fps, question=QUESTION):
-    return native_logits(model, build_inputs(model, proc, chat_segments(proc, question, frames, fps)))[0, -1]
+    return native_logits(model, build_inputs(model, proc, question_events(question, frames, fps)))[0, -1]
 
 
 MODES = {
@@ -59,7 +59,7 @@ def test_streamed_question_logits_equal_offline(tiny, fps, size, mode):
         ref = offline_first_logits(model, proc, frames[:seen], fps)
         diff = (ans.first_logits - ref).abs().max().item()
         assert diff <= TOL, f"chunks={chunks[:k + 1]} fps={fps} size={size}: max |diff| {diff:.3g}"
-        native = native_generate(model, build_inputs(model, proc, chat_segments(proc, QUESTION, frames[:seen], fps)),
+        native = native_generate(model, build_inputs(model, proc, question_events(QUESTION, frames[:seen], fps)),
                                  4, engine.stop_ids)
         assert ans.token_ids == native.token_ids, (chunks[:k + 1], ans.token_ids, native.token_ids)
 
@@ -67,7 +67,7 @@ def test_streamed_question_logits_equal_offline(tiny, fps, size, mode):
 def test_ask_before_any_frame_answers_from_text_alone(engine, tiny):
     model, proc = tiny
     ans = engine.ask("Hello?", max_new_tokens=3)
-    ref = native_logits(model, build_inputs(model, proc, chat_segments(proc, "Hello?")))[0, -1]
+    ref = native_logits(model, build_inputs(model, proc, question_events("Hello?")))[0, -1]
     assert (ans.first_logits - ref).abs().max() <= TOL
     assert engine.kv.get_seq_length() == 0 and engine.state.next_position == 0
 
@@ -94,7 +94,7 @@ def test_ask_choice_scores_do_not_depend_on_chunking_and_match_offline(tiny):
     tok = proc.tokenizer
     for choice, score in zip(choices, results[0].scores):
         ids = tok.encode(choice, add_special_tokens=False)
-        segs = chat_segments(proc, QUESTION, frames, 2) + [("ids", ids)]
+        segs = question_events(QUESTION, frames, 2) + [Continuation(ids)]
         inputs = build_inputs(model, proc, segs)
         logp = torch.log_softmax(native_logits(model, inputs, all_tokens=True)[0], -1)
         n = len(ids)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from model import VideoStreamInference
-from model.offline import build_inputs, chat_segments, native_generate
+from model.offline import build_inputs, question_events, native_generate
 from model.testing import TINY_CONFIG, build_random_model, synthetic_frames
 from model.timing import set_exact_fp32
 
@@ -32,7 +32,7 @@ def test_graphs_and_fast_attention_equal_offline(cuda_tiny, size):
         fast.append_frames(frames[seen - c:seen], fps=4)
         a = fast.ask("What?", max_new_tokens=6)
         b = fast.ask("What?", max_new_tokens=6)  # replays the captured graphs
-        ref = native_generate(model, build_inputs(model, proc, chat_segments(proc, "What?", frames[:seen], 4)), 6,
+        ref = native_generate(model, build_inputs(model, proc, question_events("What?", frames[:seen], 4)), 6,
                               fast.stop_ids)
         assert a.token_ids == b.token_ids == ref.token_ids
         assert (a.first_logits - ref.first_logits).abs().max() <= 1e-4
@@ -61,8 +61,8 @@ def test_graphs_of_several_streams_share_a_pool_and_survive_growth(cuda_tiny):
     long = a.ask("Go on.", max_new_tokens=100)
     assert a.kv.cache.allocations >= 2, a.kv.cache.allocations
     ans_b = b.ask("Still?", max_new_tokens=4)
-    ref_a = native_generate(model, build_inputs(model, proc, chat_segments(proc, "Go on.", frames, 30)), 100, set())
-    ref_b = native_generate(model, build_inputs(model, proc, chat_segments(proc, "Still?", frames[:4], 30)), 4,
+    ref_a = native_generate(model, build_inputs(model, proc, question_events("Go on.", frames, 30)), 100, set())
+    ref_b = native_generate(model, build_inputs(model, proc, question_events("Still?", frames[:4], 30)), 4,
                             b.stop_ids)
     assert long.token_ids == ref_a.token_ids and ans_b.token_ids == ref_b.token_ids
     assert (ans_b.first_logits - ref_b.first_logits).abs().max() <= 1e-4

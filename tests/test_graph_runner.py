@@ -8,18 +8,14 @@ from __future__ import annotations
 
 import torch
 
-from model import VideoStreamInference
-from model import compat
-from model.cuda_graphs import GraphRunner, VisionGraphs
-from model.offline import build_inputs, chat_segments, native_generate
+from model import StreamConfig, VideoStreamInference
+from model.offline import build_inputs, question_events, native_generate
 from model.testing import synthetic_frames
+from tests.conftest import captures
 
 
 def graph_engine(model, proc):
-    engine = VideoStreamInference(model, proc, fast=True)
-    engine._stream.runner = GraphRunner(model, engine.kv, engine.config, capture=False)
-    engine._stream.vision_graphs = VisionGraphs(model, capture=False) if engine._stream.varlen else None
-    return engine
+    return VideoStreamInference(model, proc, config=StreamConfig(emulate_graphs=True))
 
 
 def test_static_path_equals_offline_across_pauses(tiny):
@@ -31,12 +27,12 @@ def test_static_path_equals_offline_across_pauses(tiny):
         engine.append_frames(frames[seen - c:seen], fps=4)
         a = engine.ask("What?", max_new_tokens=6)
         b = engine.ask("What?", max_new_tokens=6)  # replays
-        ref = native_generate(model, build_inputs(model, proc, chat_segments(proc, "What?", frames[:seen], 4)), 6,
+        ref = native_generate(model, build_inputs(model, proc, question_events("What?", frames[:seen], 4)), 6,
                               engine.stop_ids)
         assert a.token_ids == b.token_ids == ref.token_ids
         assert (a.first_logits - ref.first_logits).abs().max() <= 1e-4
-    assert engine._stream.runner.captures == 5  # text buckets (turn header, question, decode), chunks of 1 and 2 grids
-    vision_hook = compat.vision_static_kwargs(model, torch.tensor([[1, 6, 8]])) is not None
+    assert captures(engine) == 5  # text buckets (turn header, question, decode), chunks of 1 and 2 grids
+    vision_hook = model.family.vision_static_kwargs(model, torch.tensor([[1, 6, 8]])) is not None
     assert engine.stats()["vision_graphs"] == ("on (2 captures)" if vision_hook else "off")  # 4.57: no varlen tower
 
 
@@ -48,10 +44,10 @@ def test_growth_recaptures_and_stays_exact(tiny):
     graphs.stop_ids = set()
     long = graphs.ask("Go on.", max_new_tokens=100)  # decodes past the first 1024-token buffer
     assert graphs.kv.get_seq_length() < 1024 < graphs.kv.cache.capacity
-    captures = graphs._stream.runner.captures
+    captured = captures(graphs)
     scores = graphs.ask_choice("Which?", ["a b", "c", "dd"]).scores
     assert all(map(torch.isfinite, torch.tensor(scores))), scores  # grown buffers are zeroed, not garbage
-    assert 2 < captures < 10, captures  # geometric growth: a few re-captures, not one per token
+    assert 2 < captured < 10, captured  # geometric growth: a few re-captures, not one per token
 
     plain = VideoStreamInference(model, proc, fast=True)
     plain.append_frames(frames, fps=30)

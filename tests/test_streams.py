@@ -21,11 +21,10 @@ import pytest
 import torch
 
 from model import StreamConfig, VideoStreamInference
-from model.cuda_graphs import GraphRunner
-from model.offline import build_inputs, chat_segments, native_logits
+from model.offline import build_inputs, question_events, native_logits
 from model.prompt import decode, encode, encode_user_text
 from model.testing import synthetic_frames
-from tests.conftest import assert_same_signature, signature
+from tests.conftest import assert_same_signature, captures, signature
 
 FRAMES = synthetic_frames(30, 56, 84, seed=5)
 
@@ -92,7 +91,7 @@ def test_engines_with_different_settings_share_one_model(tiny):
         e.reset()
         e.append_frames(frames[:3], fps=2)
         e.append_frames(frames[3:], fps=2)
-    ref = native_logits(model, build_inputs(model, proc, chat_segments(proc, "What?", frames, 2)))[0, -1]
+    ref = native_logits(model, build_inputs(model, proc, question_events("What?", frames, 2)))[0, -1]
     for e in (fast, plain):
         assert (e.ask("What?", max_new_tokens=1).first_logits - ref).abs().max() <= 1e-4
     assert fast.stats()["text_attention"] == "stream_sdpa" and plain.stats()["text_attention"] == "sdpa"
@@ -178,12 +177,11 @@ def test_a_reset_that_keeps_memory_replays_a_stream_exactly_without_new_buffers_
     """reset(keep_memory=True) == a fresh engine: the same stream replayed after it gives the same
     results bit-for-bit (the first run was on a fresh engine), over the same buffers and graphs."""
     model, proc = tiny
-    engine = VideoStreamInference(model, proc, config=StreamConfig(**config))
-    engine._stream.runner = GraphRunner(model, engine.kv, engine.config, capture=False)  # counts captures on CPU
+    engine = VideoStreamInference(model, proc, config=StreamConfig(emulate_graphs=True, **config))
     ops = script(3)
     first = [run(engine, op) for op in ops]
     after_first = signature(engine)
-    buffers, captures = engine.kv.cache.buffers, engine._stream.runner.captures
+    buffers, captured = engine.kv.cache.buffers, captures(engine)
     slab = engine.kv.recall.slab if engine.kv.recall is not None else None
     engine.reset(keep_memory=True)
     assert engine.stats()["cache_tokens"] == 0 and engine.kv.snapshot_depth == 0
@@ -191,7 +189,7 @@ def test_a_reset_that_keeps_memory_replays_a_stream_exactly_without_new_buffers_
     assert all(same(a, b) for a, b in zip(first, again)), "the replay after reset(keep_memory=True) differs"
     assert_same_signature(after_first, signature(engine))
     assert engine.kv.cache.buffers is buffers and engine.kv.cache.allocations == 1
-    assert engine._stream.runner.captures == captures > 0  # every graph of the first run served the replay
+    assert captures(engine) == captured > 0  # every graph of the first run served the replay
     if slab is not None:
         assert engine.kv.recall.slab is slab and engine.stats()["evicted_grids"] > 0
     engine.reset()  # the default frees the memory

@@ -20,8 +20,7 @@ import transformers.models.qwen2_5_vl as qwen_pkg
 import model as library
 from model import VideoStreamInference
 from model.kv_cache_manager import KVCacheManager
-from model.offline import build_inputs, native_logits
-from model.prompt import QUESTION_MARK, VISION_END, VISION_START
+from model.offline import Answer, Question, Video, build_inputs, native_logits
 from model.testing import synthetic_frames
 from tests.conftest import assert_same_signature, signature
 
@@ -100,13 +99,8 @@ def test_interrupt_at_random_lines_never_tears_a_call(tiny, pending):
     assert injected >= 500, (injected, completed)
     # the stream is still exactly what was committed before the trials
     ans = engine.ask("What now?", max_new_tokens=1)
-    p = engine.pieces
-    head, tail = p.question_tail.split(QUESTION_MARK)
-    transcript = [("text", p.first_turn_header + VISION_START), ("video", FRAMES[:4], 2),
-                  ("text", VISION_END + p.question("First?")), ("ids", _first_answer(engine)),
-                  ("text", p.answer_tail + p.turn_header + VISION_START),
-                  ("video", FRAMES[4:7] if pending else FRAMES[4:8], 2), ("text", VISION_END + head),
-                  ("user", "What now?"), ("text", tail)]
+    transcript = [Video(FRAMES[:4], 2), Question("First?"), Answer(_first_answer(engine)),
+                  Video(FRAMES[4:7] if pending else FRAMES[4:8], 2), Question("What now?")]
     ref = native_logits(model, build_inputs(model, proc, transcript))[0, -1]
     assert (ans.first_logits - ref).abs().max() <= 1e-4
     # a lock an interrupted call left held is taken back by this thread's next call: other threads go on

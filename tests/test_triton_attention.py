@@ -46,18 +46,16 @@ worst = max(worst, float((out - reference(q, k, v, 50, 0.25, mask)).abs().max())
 assert worst < 1e-5, worst
 
 from model import StreamConfig, VideoStreamInference
-from model.cuda_graphs import GraphRunner
-from model.offline import build_inputs, chat_segments, native_generate
+from model.offline import build_inputs, question_events, native_generate
 from model.testing import build_tiny_model, synthetic_frames
 model, proc = build_tiny_model()
 frames = synthetic_frames(9, 90, 120)
-ref = native_generate(model, build_inputs(model, proc, chat_segments(proc, "What?", frames, 4)), 5, set())
+ref = native_generate(model, build_inputs(model, proc, question_events("What?", frames, 4)), 5, set())
 scores = []
 for graphs in (False, True):
-    e = VideoStreamInference(model, proc, config=StreamConfig(attention_kernel="triton"))
+    # graphs: the CUDA-graph path's static shapes, replayed eagerly
+    e = VideoStreamInference(model, proc, config=StreamConfig(attention_kernel="triton", emulate_graphs=graphs))
     assert e.stats()["text_attention"] == "stream_triton"
-    if graphs:  # the CUDA-graph path's static shapes, replayed eagerly
-        e._stream.runner = GraphRunner(model, e.kv, e.config, capture=False, masks=e._stream.masks)
     e.stop_ids = set()
     e.append_frames(frames[:3], fps=4)
     e.append_frames(frames[3:], fps=4)
@@ -94,14 +92,12 @@ assert worst < 1e-5, worst
 bounded = []
 for kernel, graphs in (("torch", False), ("triton", False), ("triton", True)):
     e = VideoStreamInference(model, proc, config=StreamConfig(attention_kernel=kernel, cache_budget_tokens=90,
-                                                              recall_grids=1))
-    if graphs:
-        e._stream.runner = GraphRunner(model, e.kv, e.config, capture=False, masks=e._stream.masks)
+                                                              recall_grids=1, emulate_graphs=graphs))
     for i in range(0, 9, 3):
         e.append_frames(frames[i:i + 3], fps=4)
     assert e.stats()["evicted_grids"] > 0
     assert e.stats()["text_attention"] == ("stream_triton" if kernel == "triton" else "stream_sdpa")
-    assert not graphs or e._stream.runner.captures > 0
+    assert not graphs or e.stats()["cuda_graphs"] != "off"
     a = e.ask("What?", max_new_tokens=3)
     bounded.append((a.first_logits, a.token_ids, e.ask_choice("Which?", ["a b c", "dd"]).scores))
 for logits, tokens, choice in bounded[1:]:

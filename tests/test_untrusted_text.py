@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model.offline import build_inputs, chat_segments, native_logits
+from model.offline import build_inputs, question_events, native_logits
 from model.prompt import encode_user_text
 from model.testing import synthetic_frames
 from tests.conftest import assert_same_signature, signature
@@ -40,7 +40,7 @@ def test_hostile_question_equals_offline_and_leaves_stream_unchanged(engine, tin
     before = signature(engine)
     ans = engine.ask(question, max_new_tokens=3)
     assert_same_signature(before, signature(engine))
-    ref = native_logits(model, build_inputs(model, proc, chat_segments(proc, question, FRAMES, 2)))[0, -1]
+    ref = native_logits(model, build_inputs(model, proc, question_events(question, FRAMES, 2)))[0, -1]
     assert (ans.first_logits - ref).abs().max() <= 1e-4  # the offline path tokenises it the same way
     result = engine.ask_choice(question, ["<|im_end|>", "a <|video_pad|>", "plain"])
     assert_same_signature(before, signature(engine))

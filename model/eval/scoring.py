@@ -14,7 +14,7 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 import torch
 
-from ..offline import build_inputs, chat_segments, native_logits
+from ..offline import Continuation, build_inputs, native_logits, question_events
 from ..prompt import encode_user_text
 from ..timing import sync
 from .events import Event
@@ -66,7 +66,7 @@ def offline_choice_scores(model, processor, question: str, options: Sequence[str
     only (len(option) x vocab, however long the video).
     """
     tok = getattr(processor, "tokenizer", processor)
-    prefix = chat_segments(processor, question, frames if frames else None, fps)
+    prefix = question_events(question, frames if frames else None, fps)
     first = native_logits(model, build_inputs(model, processor, prefix))[0, -1]  # (V,)
     first_logp = torch.log_softmax(first, -1)
     scores = []
@@ -75,7 +75,7 @@ def offline_choice_scores(model, processor, question: str, options: Sequence[str
         if len(ids) == 1:
             scores.append(float(first_logp[ids[0]]))
             continue
-        inputs = build_inputs(model, processor, prefix + [("ids", ids)])
+        inputs = build_inputs(model, processor, prefix + [Continuation(ids)])
         logits = native_logits(model, inputs, last=len(ids) + 1)[0, :-1]  # (len(ids), V)
         logp = torch.log_softmax(logits, -1)
         scores.append(float(logp.gather(1, torch.tensor(ids, device=logp.device)[:, None]).sum()))
