@@ -5,7 +5,7 @@ prompt, ``pixel_values_videos`` for all frames at once, and ``model(...)`` with 
 own embedding merge, mask and ``DynamicCache``. It runs transformers' stock sdpa
 attention (``StreamQwenModel``'s dispatchers delegate ordinary calls to it). The only thing it
 takes from this project is the position function (``positions.transcript_positions``) and the frame preprocessing,
-so streamed and offline results are comparable on every transformers version (DESIGN.md 3-4).
+so streamed and offline results are comparable on every transformers version (DESIGN.md sections 3, 9).
 """
 from __future__ import annotations
 
