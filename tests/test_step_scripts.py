@@ -52,20 +52,38 @@ def test_each_step_script_passes_standalone(script):
         assert "0 passed, 0 failed, 3 skipped" in out.stdout
 
 
+# Runs each script as ``python SCRIPT`` would (``__main__``, its own argv), one after another in one
+# interpreter: torch and transformers are imported once, not once per script.
+RUN_EACH = """
+import runpy, sys
+for script in sys.argv[1:]:
+    sys.argv = [script]
+    print(f"=== {script}", file=sys.stderr, flush=True)
+    try:
+        runpy.run_path(script, run_name="__main__")
+        print("exit 0", file=sys.stderr, flush=True)
+    except SystemExit as stop:
+        print(f"exit {stop.code}", file=sys.stderr, flush=True)
+"""
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("script", sorted(READS))
-def test_bad_paths_exit_2_with_one_line_each_before_loading_anything(script, tmp_path):
+def test_bad_paths_exit_2_with_one_line_each_before_loading_anything(tmp_path):
     not_a_video = tmp_path / "notes.mp4"
     not_a_video.write_text("not a video")
-    out = run_script(script, QWEN_MODEL_PATH=str(tmp_path / "no-checkpoint"), VIDEO_PATH=str(not_a_video))
-    assert out.returncode == 2, (out.returncode, out.stdout[-2000:], out.stderr[-2000:])
-    # ours: one line per variable (FFmpeg may add its own line about the bad file, written by the C library)
-    lines = [line for line in out.stderr.splitlines() if line.startswith(("Model not found", "Cannot "))]
-    assert len(lines) == len(READS[script]), out.stderr
-    assert lines[0].startswith("Model not found: QWEN_MODEL_PATH=") and "no-checkpoint" in lines[0]
-    if "VIDEO_PATH" in READS[script]:
-        assert lines[1].startswith("Cannot open video") and "notes.mp4" in lines[1] and "VIDEO_PATH" in lines[1]
-    assert "Traceback" not in out.stderr and out.stdout == ""  # nothing loaded, nothing run
+    out = run_script("-c", RUN_EACH, *sorted(READS), QWEN_MODEL_PATH=str(tmp_path / "no-checkpoint"),
+                     VIDEO_PATH=str(not_a_video))
+    assert out.returncode == 0 and out.stdout == "", (out.stdout[-2000:], out.stderr[-3000:])  # nothing loaded or run
+    assert "Traceback" not in out.stderr, out.stderr[-3000:]
+    reports = dict(part.split("\n", 1) for part in out.stderr.split("=== ")[1:])
+    assert sorted(reports) == sorted(READS), out.stderr
+    for script, report in reports.items():
+        # ours: one line per variable (FFmpeg may add its own line about the bad file, written by the C library)
+        lines = [line for line in report.splitlines() if line.startswith(("Model not found", "Cannot "))]
+        assert report.strip().endswith("exit 2") and len(lines) == len(READS[script]), (script, report)
+        assert lines[0].startswith("Model not found: QWEN_MODEL_PATH=") and "no-checkpoint" in lines[0]
+        if "VIDEO_PATH" in READS[script]:
+            assert lines[1].startswith("Cannot open video") and "notes.mp4" in lines[1] and "VIDEO_PATH" in lines[1]
 
 
 def test_check_environment_reports_every_bad_path_at_once(monkeypatch, tmp_path, capsys):
