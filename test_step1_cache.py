@@ -23,11 +23,15 @@ def setup():
     return engine, frames, fps
 
 
-def cache_signature(engine) -> tuple:
-    """(length, per-layer sums of K and V): changes if any cached value changes."""
+def cache_signature(engine) -> tuple[int, list[torch.Tensor]]:
+    """(length, every layer's live K and V, cloned): compare with ``same_cache``."""
     kv = engine.kv
-    sums = tuple(round(float(t.double().sum()), 6) for i in range(kv.cache.num_layers) for t in kv.layer(i))
-    return kv.get_seq_length(), sums
+    return kv.get_seq_length(), [t.clone() for i in range(kv.cache.num_layers) for t in kv.layer(i)]
+
+
+def same_cache(a: tuple, b: tuple) -> bool:
+    """Two ``cache_signature``s are the same cache: same length and bit-identical tensors."""
+    return a[0] == b[0] and len(a[1]) == len(b[1]) and all(torch.equal(x, y) for x, y in zip(a[1], b[1]))
 
 
 def streamed(n_frames: int):
@@ -46,7 +50,7 @@ def test_ask_restores_cache_signature_and_stream_state():
     after = engine.state
     print(f"    after:  cache_len={engine.kv.get_seq_length()} last_cache_position={after.last_cache_position} "
           f"rope_deltas={after.rope_deltas}")
-    assert cache_signature(engine) == sig
+    assert same_cache(cache_signature(engine), sig)
     assert after is state, "stream_state must be restored as a whole"
 
 
@@ -57,17 +61,38 @@ def test_manual_snapshot_restore_round_trip():
     engine.append_frames(frames[4:8], fps=fps)
     assert engine.kv.get_seq_length() > sig[0]
     engine.kv.restore()
-    assert cache_signature(engine) == sig and engine.state is state
+    assert same_cache(cache_signature(engine), sig) and engine.state is state
 
 
 def test_frames_can_be_appended_after_a_question():
+    """Frames appended after a question give the cache, and the next answer, of a stream never asked."""
     engine, frames, fps = streamed(4)
     engine.ask("First question?", max_new_tokens=4)
     before = engine.kv.get_seq_length()
     info = engine.append_frames(frames[4:8], fps=fps)
     assert info.tokens_added > 0 and engine.kv.get_seq_length() == before + info.tokens_added
+    asked = cache_signature(engine)
     ans = engine.ask("Second question?", max_new_tokens=4)
-    assert ans.num_tokens >= 0 and torch.isfinite(ans.first_logits).all()
+    engine, _, _ = streamed(8)  # the same frames in the same chunks, no first question
+    assert same_cache(cache_signature(engine), asked)
+    ref = engine.ask("Second question?", max_new_tokens=4)
+    assert torch.equal(ans.first_logits, ref.first_logits) and ans.token_ids == ref.token_ids
+    assert len(ans.token_ids) <= 4
+
+
+def test_cache_signature_sees_a_change_that_keeps_every_sum():
+    """The signature compares tensors, not sums: swapping two cached values is a different cache."""
+    engine, _, _ = streamed(4)
+    sig = cache_signature(engine)
+    k = engine.kv.layer(0)[0]  # (1, H_kv, length, D) a view of the live keys
+    first, last = k[0, 0, 0, 0].clone(), k[0, 0, -1, -1].clone()
+    assert not torch.equal(first, last)
+    k[0, 0, 0, 0], k[0, 0, -1, -1] = last, first
+    try:
+        assert not same_cache(cache_signature(engine), sig)
+    finally:
+        k[0, 0, 0, 0], k[0, 0, -1, -1] = first, last
+    assert same_cache(cache_signature(engine), sig)
 
 
 def test_odd_frame_held_across_a_question():
@@ -76,7 +101,7 @@ def test_odd_frame_held_across_a_question():
     assert engine.stats()["pending_frames"] == 1
     sig = cache_signature(engine)
     engine.ask("Anything?", max_new_tokens=2)
-    assert cache_signature(engine) == sig and engine.stats()["pending_frames"] == 1
+    assert same_cache(cache_signature(engine), sig) and engine.stats()["pending_frames"] == 1
     engine.append_frames(frames[3:4], fps=fps)
     assert engine.stats()["pending_frames"] == 0
 
@@ -86,4 +111,4 @@ CHECKS = [v for k, v in list(globals().items()) if k.startswith("test_")]
 if __name__ == "__main__":
     from model.report import main
 
-    main("STEP 1: KV cache + stream_state snapshot/restore isolation", CHECKS)
+    main("STEP 1: KV cache + stream_state snapshot/restore isolation", CHECKS, ("QWEN_MODEL_PATH", "VIDEO_PATH"))

@@ -40,8 +40,13 @@ def draw(shapes: list[tuple[str, str]]) -> np.ndarray:
 
 @functools.lru_cache(maxsize=1)
 def engine():
+    from model.report import environment_problems
+
+    problems = environment_problems("QWEN_MODEL_PATH")  # a set path that names no folder is an error, not a skip
+    if problems:
+        raise ValueError(problems[0])
     path = os.environ.get("QWEN_MODEL_PATH")
-    if not path or not os.path.isdir(path):
+    if not path:
         pytest.skip("step 5 needs real weights: set QWEN_MODEL_PATH to a Qwen2.5-VL checkpoint folder")
     from model import VideoStreamInference
 
@@ -94,4 +99,4 @@ CHECKS = [v for k, v in list(globals().items()) if k.startswith("test_")]
 if __name__ == "__main__":
     from model.report import main
 
-    main("STEP 5: end-to-end temporal understanding (real weights)", CHECKS)
+    main("STEP 5: end-to-end temporal understanding (real weights)", CHECKS, ("QWEN_MODEL_PATH",))

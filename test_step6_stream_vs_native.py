@@ -17,8 +17,8 @@ import sys
 import torch
 
 from model.config import BUDGET_STATS, add_budget_arguments, budget_config
-from model.offline import bounded_visibility, build_inputs, question_events, masked_logits, native_generate
-from model.report import WIDTH, load_engine, plot_stream_vs_native, section, video_path
+from model.offline import bounded_visibility, build_inputs, masked_logits, native_generate, question_events
+from model.report import WIDTH, check_environment, load_engine, plot_stream_vs_native, section, video_path
 from model.timing import device_info, median, reset_peak, set_exact_fp32, sync, timed, vram
 from model.video_io import load_frames
 
@@ -292,4 +292,6 @@ def test_a_bounded_stream_equals_its_masked_reference_and_the_report_shows_the_b
 
 
 if __name__ == "__main__":
+    parse_args()  # --help and bad flags first
+    check_environment("QWEN_MODEL_PATH", "VIDEO_PATH")  # every bad path, one line each, exit 2
     sys.exit(run()[1])

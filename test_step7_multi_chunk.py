@@ -15,7 +15,7 @@ import sys
 
 import torch
 
-from model.report import WIDTH, load_engine, section, video_path
+from model.report import WIDTH, check_environment, load_engine, section, video_path
 from model.timing import device_info, median, reset_peak, sync, vram
 from model.video_io import load_frames
 
@@ -105,4 +105,6 @@ def test_chunk_sizes_give_the_same_cache():
 
 
 if __name__ == "__main__":
+    parse_args()  # --help and bad flags first
+    check_environment("QWEN_MODEL_PATH", "VIDEO_PATH")  # every bad path, one line each, exit 2
     sys.exit(run()[1])

@@ -2,7 +2,7 @@
 
 Pure functions over tensors, so a chunk of frames is processed exactly like the same frames
 inside a whole offline video (the processors' per-call pixel budget and fps guessing are
-avoided; see DESIGN.md section 4, "Processor traps").
+avoided; see DESIGN.md section 5, "Frames").
 
 Same pixels as transformers (DESIGN.md invariant 7): the Qwen2-VL image and video processors
 (4.57 and 5.x alike) resize an (N, 3, h, w) uint8 CPU tensor with torchvision's

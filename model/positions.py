@@ -1,6 +1,6 @@
 """M-RoPE positions for Qwen2.5-VL: one pure function family, shared by streaming and offline.
 
-This follows Qwen's reference ``get_rope_index`` (DESIGN.md section 4), not whichever variant
+This follows Qwen's reference ``get_rope_index`` (DESIGN.md section 3), not whichever variant
 the installed transformers ships:
 
 - text token i after start s:                 (s+i, s+i, s+i)

@@ -100,7 +100,7 @@ TINY_QWEN3_VL_CONFIG = dict(
                        initializer_range=0.05),
 )
 
-# Qwen2.5-VL-3B-Instruct's architecture (DESIGN.md section 7); random weights for timing only.
+# Qwen2.5-VL-3B-Instruct's architecture (DESIGN.md section 9); random weights for timing only.
 QWEN25_VL_3B_CONFIG = dict(
     model_type="qwen2_5_vl", architectures=["Qwen2_5_VLForConditionalGeneration"],
     vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,

@@ -145,6 +145,7 @@ def bounded(tiny, **kw) -> VideoStreamInference:
     return VideoStreamInference(*tiny, config=StreamConfig(**{"cache_budget_tokens": 100, **kw}))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("recall", [0, 2])
 def test_memory_stays_bounded_over_a_long_stream(tiny, recall):
     engine = bounded(tiny, cache_budget_tokens=120, recall_grids=recall, recall_host_tokens=60)
@@ -189,6 +190,7 @@ def test_impossible_budgets_are_refused_at_construction(tiny, kw, match):
         VideoStreamInference(*tiny, config=StreamConfig(**kw))
 
 
+@pytest.mark.slow
 def test_warmup_allocates_the_recall_slab_so_no_eviction_allocates(tiny):
     engine = bounded(tiny, cache_budget_tokens=300, recall_grids=2, recall_host_tokens=60)
     engine.warmup((56, 84), chunk_frames=2, fps=2)  # 6 tokens per grid

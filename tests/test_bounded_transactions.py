@@ -98,6 +98,7 @@ def test_rollback_is_refused_on_a_bounded_stream(tiny):
         engine.kv.rollback(3)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("recall", [0, 2])
 def test_interrupts_at_random_lines_of_evicting_calls_commit_nothing(tiny, recall):
     from tests.test_transactions import traced

@@ -45,6 +45,7 @@ def _can_reset_peak() -> bool:
         return False
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not _can_reset_peak(), reason="needs Linux /proc/self/clear_refs to measure a call's peak")
 @pytest.mark.parametrize("case,limit_mib", [("many", 5100 / 10), ("long", 9600 / 10)], ids=["1000-choices", "5000-chars"])
 def test_ask_choice_peak_memory_is_bounded(case, limit_mib):

@@ -94,6 +94,7 @@ def test_max_seconds_and_chunk_reach_the_stream(video, tmp_path):
     assert result["meta"]["progress"]["ended"] and result["meta"]["max_seconds"] == 1.2
 
 
+@pytest.mark.slow
 def test_python_dash_m_model_without_qwen_model_path(video, tmp_path):
     out = tmp_path / "sub.json"
     env = {k: v for k, v in os.environ.items() if k != "QWEN_MODEL_PATH"}

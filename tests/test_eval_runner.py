@@ -62,6 +62,7 @@ def _config(**kw) -> EvalConfig:
 
 # ------------------------------------------------------------------ the runner
 
+@pytest.mark.slow
 def test_ovo_run_completes_reports_and_resumes_without_redoing_events(bench, engine, tiny, tmp_path):
     ann = read_annotations("ovo", bench / "ovo.json")
     root = bench / "videos_root"
@@ -144,6 +145,7 @@ def test_ovo_run_completes_reports_and_resumes_without_redoing_events(bench, eng
         run_benchmark(engine, ann, root, out, _config(fps=1.0), "tiny")
 
 
+@pytest.mark.slow
 def test_parity_streamed_choices_equal_offline_choices_in_fp32(bench, engine, tmp_path):
     ann = read_annotations("streamingbench", bench / "sb.json")
     out = tmp_path / "sb-parity"
@@ -189,6 +191,7 @@ def _decoded_frames(path: Path, until: float) -> list:
     return decode_video(path, 2.0, until)[1]
 
 
+@pytest.mark.slow
 def test_cli_runs_a_benchmark_and_names_a_missing_model(bench, tmp_path, monkeypatch, capsys):
     monkeypatch.delenv("QWEN_MODEL_PATH", raising=False)
     torch.manual_seed(0)
@@ -235,6 +238,7 @@ def test_cli_runs_a_benchmark_and_names_a_missing_model(bench, tmp_path, monkeyp
     assert len(_lines(tmp_path / "cli")) == 2 and [p.name for p in (tmp_path / "cli").glob("replaced-*")]
 
 
+@pytest.mark.slow
 def test_bounded_mode_streams_under_a_budget_on_its_own_engine(bench, engine, tmp_path):
     ann = read_annotations("ovo", bench / "ovo.json")
     config = _config(modes=("stream", "bounded"), budget={"video_window_seconds": 1.0, "sink_frames": 0})
@@ -313,6 +317,7 @@ def test_the_miniature_generator_counts_what_is_on_screen_and_asks_short_videos_
             mb.main(["--out", str(tmp_path / "bad")] + bad)
 
 
+@pytest.mark.slow
 def test_resets_keep_the_engines_memory_so_a_second_pass_captures_and_allocates_nothing(bench, engine, tmp_path):
     from model import StreamConfig, VideoStreamInference
     from tests.conftest import captures

@@ -220,6 +220,7 @@ for n, h, w in json.loads(sys.argv[2]):
 MEMORY_CASES = {(200, 480, 640): 512, (16, 3000, 4000): 1024}
 
 
+@pytest.mark.slow
 def test_peak_memory_of_one_call(procs):
     """RSS peak (ru_maxrss) over the RSS before each call, in a fresh process, inputs already in memory."""
     pix = compat.pixel_config(compat.video_processor(procs["tiny"]))

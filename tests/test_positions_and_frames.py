@@ -13,7 +13,7 @@ from model.positions import text_positions, transcript_positions, vision_positio
 
 
 def reference_video_positions(start, grid_t, h, w, fps, tps=2, tp=2):
-    """Qwen's formula written out element by element (DESIGN.md section 4)."""
+    """Qwen's formula written out element by element (DESIGN.md section 3)."""
     spgt = torch.tensor(tp / fps, dtype=torch.float32)
     out = []
     for g in range(grid_t):

@@ -65,6 +65,7 @@ def same(a, b) -> bool:
     return torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b
 
 
+@pytest.mark.slow
 def test_eight_interleaved_streams_equal_each_stream_alone(tiny):
     model, proc = tiny
     scripts = [script(s) for s in range(8)]
@@ -117,6 +118,7 @@ class RecordingLock:
         return self.lock._is_owned()
 
 
+@pytest.mark.slow
 def test_append_thread_and_ask_thread_equal_a_sequential_replay(tiny):
     model, proc = tiny
     engine = VideoStreamInference(model, proc)

@@ -72,6 +72,7 @@ OPS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("pending", [False, True], ids=["even", "odd-frame-held"])
 def test_interrupt_at_random_lines_never_tears_a_call(tiny, pending):
     model, proc = tiny

@@ -107,6 +107,7 @@ print("ok", worst)
 """
 
 
+@pytest.mark.slow
 def test_triton_kernel_in_the_interpreter_equals_sdpa_and_offline():
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": ROOT}
     out = subprocess.run([sys.executable, "-c", SCRIPT], cwd=ROOT, capture_output=True, text=True, timeout=900, env=env)
