@@ -111,6 +111,19 @@ def _forward_params(cls) -> frozenset:
     return frozenset(inspect.signature(cls.forward).parameters)
 
 
+def accepts(module: torch.nn.Module, name: str) -> bool:
+    """Whether ``module.forward`` takes the keyword argument ``name``."""
+    return name in _forward_params(type(module))
+
+
+def logits_kwargs(model: torch.nn.Module, keep: int) -> dict:
+    """Keyword arguments that make a full model's forward compute only the last ``keep`` logits (0: all).
+
+    4.57's Qwen2-VL forward has no ``logits_to_keep`` (it returns every position's: the caller slices).
+    """
+    return {"logits_to_keep": keep} if accepts(model, "logits_to_keep") else {}
+
+
 def cache_kwargs(module: torch.nn.Module, cache, cache_len: int, n_new: int, device) -> dict:
     """Keyword arguments that hand ``cache`` to ``module.forward`` (a text model, the full model or a decoder layer).
 
@@ -230,3 +243,24 @@ def video_processor(processor):
     """The processor's video processor (4.57 and 5.x both have ``video_processor``)."""
     vp = getattr(processor, "video_processor", None)
     return vp if vp is not None else processor.image_processor
+
+
+# ---------------------------------------------------------------- processors' layouts
+
+def unnest_qwen3_video(ids: list[int], vision_start: int, vision_end: int, pads: set[int]) -> list[int]:
+    """transformers 5.x's Qwen3-VL processor layout -> Qwen's (the reference this package follows).
+
+    Given the chat template's ``<|vision_start|><|video_pad|><|vision_end|>``, 5.x replaces only
+    the pad with the per-pair blocks (``<t seconds><|vision_start|>...<|vision_end|>`` each), so they
+    sit inside one more start/end pair; transformers 4.57's processor and qwen-vl-utils replace the
+    whole triple. The outer pair is recognisable on either version: an outer start is followed by
+    text, not a pad, and an outer end follows an end. Ids without it come back unchanged.
+    """
+    out = []
+    for i, tok in enumerate(ids):
+        if tok == vision_start and i + 1 < len(ids) and ids[i + 1] not in pads:
+            continue
+        if tok == vision_end and i > 0 and ids[i - 1] == vision_end:
+            continue
+        out.append(tok)
+    return out

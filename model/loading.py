@@ -17,18 +17,18 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def load_checkpoint(path, device: Optional[str] = None, dtype=None, attn_implementation: str = "sdpa"):
-    """(StreamQwenModel, processor) from a local Qwen2.5-VL checkpoint folder (weights, config, processor files).
+    """(StreamQwenModel, processor) from a local checkpoint folder of any supported family (weights, config,
+    processor files); the family comes from its ``config.json``.
 
-    Defaults: CUDA if available (bf16) else CPU (fp32). A path that is not a folder is an error naming it.
+    Defaults: CUDA if available (bf16) else CPU (fp32). A path that is not a folder, a ``model_type``
+    of no supported family and missing weights are errors naming them.
     """
     from transformers import AutoProcessor
 
     from . import compat
-    from .stream_qwen_model import StreamQwenModel
+    from .stream_qwen_model import StreamQwenModel, checkpoint_family
 
-    if not isinstance(path, (str, os.PathLike)) or not os.path.isdir(path):
-        raise ValueError(f"Model not found: {path!r} is not a folder; set QWEN_MODEL_PATH to a local "
-                         "Qwen2.5-VL checkpoint folder")
+    checkpoint_family(path)  # a clear error before anything loads
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = dtype or (torch.bfloat16 if str(device).startswith("cuda") else torch.float32)
     model = StreamQwenModel.from_pretrained(path, attn_implementation=attn_implementation,

@@ -12,7 +12,6 @@ from this project (``model/positions.py``) on every transformers version (DESIGN
 """
 from __future__ import annotations
 
-import inspect
 import time
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence, Union
@@ -222,18 +221,19 @@ def question_events(question: str, video: Any = None, fps: float = 2.0,
 
 
 def _forward(model, inputs: NativeInputs, cache, logits_to_keep: int, attention_mask=None):
-    kw = dict(input_ids=inputs.input_ids, logits_to_keep=logits_to_keep,
-              position_ids=inputs.positions.to(model.device)[:, None])  # (3, 1, T)
+    kw = dict(input_ids=inputs.input_ids, position_ids=inputs.positions.to(model.device)[:, None],  # (3, 1, T)
+              **compat.logits_kwargs(model, logits_to_keep))
     if attention_mask is not None:
         kw["attention_mask"] = attention_mask  # (1, 1, T, T) additive: used as given
     if inputs.pixel_values_videos is not None:
         kw.update(pixel_values_videos=inputs.pixel_values_videos, video_grid_thw=inputs.video_grid_thw)
-        if "second_per_grid_ts" in inspect.signature(model.forward).parameters:  # Qwen2.5-VL only
+        if compat.accepts(model, "second_per_grid_ts"):  # Qwen2.5-VL only
             kw["second_per_grid_ts"] = torch.tensor(inputs.second_per_grid_ts, device=model.device)
     if inputs.pixel_values is not None:
         kw.update(pixel_values=inputs.pixel_values, image_grid_thw=inputs.image_grid_thw)
     kw.update(compat.cache_kwargs(model, cache, cache.get_seq_length(), inputs.num_tokens, model.device))
-    return model(**kw).logits.float()
+    logits = model(**kw).logits  # (1, T|kept, V)
+    return (logits[:, -logits_to_keep:] if logits_to_keep else logits).float()
 
 
 @torch.no_grad()

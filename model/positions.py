@@ -13,8 +13,6 @@ Every function returns a (3, n) int64 tensor: rows are (temporal, height, width)
 """
 from __future__ import annotations
 
-from typing import Sequence
-
 import torch
 
 
@@ -51,49 +49,3 @@ def vision_positions(
 def next_start(positions: torch.Tensor) -> int:
     """The first free position after ``positions`` (max over all three rows, plus one)."""
     return int(positions.max()) + 1
-
-
-def transcript_positions(
-    input_ids: Sequence[int] | torch.Tensor,
-    *,
-    image_token_id: int,
-    video_token_id: int,
-    image_grids: Sequence[Sequence[int]] = (),
-    video_grids: Sequence[Sequence[int]] = (),
-    second_per_grid_ts: Sequence[float] = (),
-    merge_size: int = 2,
-    tokens_per_second: float = 2.0,
-) -> torch.Tensor:
-    """(3, T) positions of a whole offline transcript (one sequence, no padding).
-
-    Each maximal run of image (video) placeholder tokens is one image (video) block and
-    takes the next grid (t, h, w) in patch units, in order. Used by the native path.
-    """
-    ids = torch.as_tensor(input_ids).flatten().tolist()
-    parts, pos, i, n_img, n_vid = [], 0, 0, 0, 0
-    while i < len(ids):
-        tok = ids[i]
-        j = i
-        if tok in (image_token_id, video_token_id):
-            while j < len(ids) and ids[j] == tok:
-                j += 1
-            if tok == image_token_id:
-                (t, h, w), spgt = image_grids[n_img], 0.0
-                n_img += 1
-            else:
-                (t, h, w), spgt = video_grids[n_vid], float(second_per_grid_ts[n_vid])
-                n_vid += 1
-            block = vision_positions(
-                pos, int(t), int(h) // merge_size, int(w) // merge_size,
-                second_per_grid_t=spgt, tokens_per_second=tokens_per_second,
-            )
-            assert block.shape[1] == j - i, f"grid {(t, h, w)} gives {block.shape[1]} tokens, transcript has {j - i}"
-        else:
-            while j < len(ids) and ids[j] not in (image_token_id, video_token_id):
-                j += 1
-            block = text_positions(pos, j - i)
-        parts.append(block)
-        pos = next_start(block)
-        i = j
-    assert n_img == len(image_grids) and n_vid == len(video_grids), (n_img, len(image_grids), n_vid, len(video_grids))
-    return torch.cat(parts, dim=1) if parts else torch.zeros(3, 0, dtype=torch.long)

@@ -100,6 +100,13 @@ TINY_QWEN3_VL_CONFIG = dict(
                        initializer_range=0.05),
 )
 
+# Qwen3-VL-MoE (30B-A3B's shape, tiny): the dense tiny model with a mixture of 4 experts, 2 per token.
+TINY_QWEN3_VL_MOE_CONFIG = {**TINY_QWEN3_VL_CONFIG, "model_type": "qwen3_vl_moe",
+                            "architectures": ["Qwen3VLMoeForConditionalGeneration"],
+                            "text_config": {**TINY_QWEN3_VL_CONFIG["text_config"], "num_experts": 4,
+                                            "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+                                            "decoder_sparse_step": 1, "norm_topk_prob": True}}
+
 # Qwen2.5-VL-3B-Instruct's architecture (DESIGN.md section 9); random weights for timing only.
 QWEN25_VL_3B_CONFIG = dict(
     model_type="qwen2_5_vl", architectures=["Qwen2_5_VLForConditionalGeneration"],
@@ -146,7 +153,8 @@ QWEN3_VL_2B_CONFIG = _qwen3_vl(2048, 28, 16, 6144, 24, 1024, 4096, [5, 11, 17], 
 QWEN3_VL_4B_CONFIG = _qwen3_vl(2560, 36, 32, 9728, 24, 1024, 4096, [5, 11, 17], tied=True)
 QWEN3_VL_8B_CONFIG = _qwen3_vl(4096, 36, 32, 12288, 27, 1152, 4304, [8, 16, 24], tied=False)
 
-TINY_CONFIGS = {"qwen2_5_vl": TINY_CONFIG, "qwen2_vl": TINY_QWEN2_VL_CONFIG, "qwen3_vl": TINY_QWEN3_VL_CONFIG}
+TINY_CONFIGS = {"qwen2_5_vl": TINY_CONFIG, "qwen2_vl": TINY_QWEN2_VL_CONFIG, "qwen3_vl": TINY_QWEN3_VL_CONFIG,
+                "qwen3_vl_moe": TINY_QWEN3_VL_MOE_CONFIG}
 REAL_CONFIGS = {"qwen2_5_vl-3b": QWEN25_VL_3B_CONFIG, "qwen2_vl-2b": QWEN2_VL_2B_CONFIG,
                 "qwen3_vl-2b": QWEN3_VL_2B_CONFIG, "qwen3_vl-4b": QWEN3_VL_4B_CONFIG, "qwen3_vl-8b": QWEN3_VL_8B_CONFIG}
 
@@ -256,7 +264,7 @@ def build_tiny_model(seed: int = 0, attn_implementation: str = "sdpa", folder: s
     """(model, processor): a tiny random model of ``family`` (2-3 layers, hidden 64) with real token ids, on CPU,
     fp32. Random weights: its answers are meaningless, its arithmetic is the real architecture's."""
     folder = Path(folder or tempfile.mkdtemp(prefix=f"tiny-{family}-"))
-    processor = load_processor(write_processor_files(folder, *TINY_PIXELS[family], family=family))
+    processor = load_processor(write_processor_files(folder, *TINY_PIXELS[family.replace("_moe", "")], family=family))
     model = build_random_model(TINY_CONFIGS[family], seed=seed, attn_implementation=attn_implementation)
     return model, processor
 

@@ -9,7 +9,15 @@ import torch
 
 from model import compat
 from model.frames import pad_to_temporal_patch, patchify, resize_frames, to_frame_list
-from model.positions import text_positions, transcript_positions, vision_positions
+from model.families import QWEN2_5_VL, QWEN2_VL, QWEN3_VL
+from model.positions import text_positions, vision_positions
+from model.prompt import prompt_pieces
+from model.testing import build_tiny_model
+from model.transcript import Grammar, Text, positions
+
+_, _PROC = build_tiny_model()
+PIECES, TOKENIZER = prompt_pieces(_PROC), _PROC.tokenizer
+VISION_CONFIG = type("VisionConfig", (), {"tokens_per_second": 2})()
 
 
 def reference_video_positions(start, grid_t, h, w, fps, tps=2, tp=2):
@@ -43,20 +51,50 @@ def test_high_fps_is_not_truncated():
     assert t.tolist() == [math.floor(g * (2 / 30) * 2 + 1e-9) for g in range(16)] and t.max() == 2
 
 
-def test_text_after_long_video_starts_after_max_temporal_position():
+def _video_then_text(family, grids: int, h: int, w: int, spgt: float = 1.0):
+    """Positions of two text tokens, a video of ``grids`` pairs of h x w merged tokens (as one block), two more."""
+    grammar = Grammar(family, PIECES, TOKENIZER, VISION_CONFIG)
+    pieces = [Text((1, 2)), *grammar.open_video()]
+    start = positions(pieces, 0)[1]
+    times = [i * spgt for i in range(grids)]
+    pieces += list(grammar.pairs((2 * h, 2 * w), 2, times, start, 0, spgt).pieces) + list(grammar.close_video())
+    pieces.append(Text((3, 4)))
+    return positions(pieces, 0)[0], start
+
+
+def test_qwen2_5_text_after_a_long_video_starts_after_its_max_temporal_position():
     """transformers >= 5.3 uses s + max(h, w) here; the reference uses max over t, h, w."""
-    ids = [1, 2] + [9] * (20 * 2 * 2) + [3, 4]
-    pos = transcript_positions(ids, image_token_id=8, video_token_id=9, video_grids=[(20, 4, 4)],
-                               second_per_grid_ts=[2 / 1], merge_size=2, tokens_per_second=2)
-    video_t_max = 2 + 19 * 4  # start 2, t = 4g
-    assert pos[:, -2].tolist() == [video_t_max + 1] * 3 and pos[:, -1].tolist() == [video_t_max + 2] * 3
+    pos, s = _video_then_text(QWEN2_5_VL, 20, 2, 2, spgt=2.0)  # 1 fps: t = 4g
+    video_t_max = s + 19 * 4
+    assert pos[:, -2].tolist() == [video_t_max + 2] * 3  # after the block's end marker
     assert torch.equal(pos[:, :2], text_positions(0, 2))
 
 
+def test_qwen2_temporal_position_is_the_pair_index_and_text_follows_its_max():
+    """transformers 5.x puts the token after a 20-pair Qwen2-VL video at s + max(h, w) (5 here); Qwen's rule: 23."""
+    pos, s = _video_then_text(QWEN2_VL, 20, 2, 2, spgt=0.5)  # any fps: t = g
+    video = pos[:, 3:3 + 20 * 4]
+    assert video[0].tolist() == [s + g for g in range(20) for _ in range(4)]
+    assert pos[:, -3].tolist() == [s + 20] * 3 and pos[:, -2].tolist() == [s + 21] * 3
+
+
+def test_qwen3_pair_blocks_sit_at_their_start_and_text_follows_at_start_plus_max_hw():
+    grammar = Grammar(QWEN3_VL, PIECES, TOKENIZER, VISION_CONFIG)
+    seg = grammar.pairs((4, 6), 2, [0.0], 10, 0, 1.0)
+    got, nxt = positions(seg.pieces, 10)
+    stamp = seg.pieces[0].n
+    s = 10 + stamp  # the pair's block starts after its timestamp and start marker
+    vision = got[:, stamp:stamp + 6]
+    assert vision[0].tolist() == [s] * 6 and vision[1].tolist() == [s, s, s, s + 1, s + 1, s + 1]
+    assert vision[2].tolist() == [s, s + 1, s + 2] * 2
+    assert got[:, -1].tolist() == [s + 3] * 3 and nxt == s + 4  # the end marker at s + max(h', w')
+
+
 def test_image_block_positions_have_t_zero():
-    ids = [8] * 6
-    pos = transcript_positions(ids, image_token_id=8, video_token_id=9, image_grids=[(1, 4, 6)], merge_size=2)
-    assert pos[0].tolist() == [0] * 6 and pos[1].tolist() == [0, 0, 0, 1, 1, 1] and pos[2].tolist() == [0, 1, 2] * 2
+    grammar = Grammar(QWEN2_5_VL, PIECES, TOKENIZER, VISION_CONFIG)
+    seg = grammar.image((4, 6), 2)
+    pos = positions(seg.pieces, 0)[0][:, 1:-1]  # inside the start and end markers
+    assert pos[0].tolist() == [1] * 6 and pos[1].tolist() == [1, 1, 1, 2, 2, 2] and pos[2].tolist() == [1, 2, 3] * 2
 
 
 @pytest.mark.parametrize("n_frames", [4, 3], ids=["even", "odd-padded"])
