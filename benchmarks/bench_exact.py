@@ -1,4 +1,4 @@
-"""Streamed == offline on the GPU with the 3B architecture (issue 7's exactness rows).
+"""Streamed == offline on the GPU with a real architecture (3B by default; ``--arch`` another family's).
 
 fp32 with TF32 off: a stream with a random chunking (1..7 frames a call) is paused at random
 points up to 2 s of 448x448 video at 30 fps, and at points past 30k cached tokens; at each,
@@ -7,6 +7,7 @@ difference reported. bf16: first-token argmax agreement and relative logit diffe
 the offline path at 2 s and past 30k tokens. GPU only.
 
     python benchmarks/bench_exact.py --short-points 16 --long-points 2 --json out.json
+    python benchmarks/bench_exact.py --arch qwen3_vl-8b --long-tokens 10000 --short-points 2 --long-points 1
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ from model import StreamConfig, VideoStreamInference  # noqa: E402
 from model.eval.scoring import offline_choice_scores  # noqa: E402
 from model.offline import build_inputs, question_events, native_generate, native_logits  # noqa: E402
 from model.synthetic import synthetic_frames  # noqa: E402
-from model.testing import QWEN25_VL_3B_CONFIG, build_3b_processor, build_random_model  # noqa: E402
+from model.testing import REAL_CONFIGS, build_processor, build_random_model  # noqa: E402
 from model.timing import set_exact_fp32  # noqa: E402
 
 Q, FPS, SIZE = "What is happening in the video right now?", 30, 448
@@ -37,10 +38,11 @@ def offline_choice(model, proc, frames) -> int:
     return max(range(len(scores)), key=scores.__getitem__)
 
 
-def pauses(short: int, long: int, seed: int = 0) -> list[int]:
-    """Frame counts to pause at: ``short`` up to 2 s, ``long`` past 30k tokens (8.2 s = 246 frames)."""
+def pauses(short: int, long: int, long_frames: int, seed: int = 0) -> list[int]:
+    """Frame counts to pause at: ``short`` up to 2 s, ``long`` from ``long_frames`` on."""
     rng = random.Random(seed)
-    return sorted(set(2 * rng.randint(1, 30) for _ in range(short * 3)))[:short] + [246 + 2 * i for i in range(long)]
+    return sorted(set(2 * rng.randint(1, 30) for _ in range(short * 3)))[:short] + [long_frames + 2 * i
+                                                                                     for i in range(long)]
 
 
 def stream_to(engine, frames, points, rng, answer):
@@ -54,17 +56,25 @@ def stream_to(engine, frames, points, rng, answer):
     return out
 
 
+def _factor(arch: str) -> int:
+    return 32 if arch.startswith("qwen3") else 28
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--short-points", type=int, default=16)
     ap.add_argument("--long-points", type=int, default=2)
     ap.add_argument("--skip-bf16", action="store_true")
     ap.add_argument("--json")
+    ap.add_argument("--arch", default="qwen2_5_vl-3b", choices=sorted(REAL_CONFIGS))
+    ap.add_argument("--long-tokens", type=int, default=30000, help="the long points' cache length at least")
     args = ap.parse_args(argv)
-    proc = build_3b_processor()
-    points = pauses(args.short_points, args.long_points)
+    config = REAL_CONFIGS[args.arch]
+    proc = build_processor(args.arch.split("-")[0])
+    per_pair = (SIZE // _factor(args.arch)) ** 2 + 16  # (+16: a Qwen3-VL pair's timestamp and markers)
+    points = pauses(args.short_points, args.long_points, 2 * -(-args.long_tokens // (per_pair - 16)))
     frames = synthetic_frames(points[-1], SIZE, SIZE)
-    res = {"points_frames": points}
+    res = {"points_frames": points, "arch": args.arch}
     t0 = time.perf_counter()
 
     def log(*what):
@@ -73,7 +83,7 @@ def main(argv=None) -> int:
     # bf16: agreement measures (the paths multiply differently shaped matrices, so they round differently)
     bf16 = []
     if not args.skip_bf16:
-        model = build_random_model(QWEN25_VL_3B_CONFIG, dtype=torch.bfloat16, device="cuda")
+        model = build_random_model(config, dtype=torch.bfloat16, device="cuda")
         engine = VideoStreamInference(model, proc, config=StreamConfig())
         for p in (60, points[-1]):
             engine.reset()
@@ -89,12 +99,12 @@ def main(argv=None) -> int:
     res["bf16"] = bf16
     json.dump(res, open(args.json, "w"), indent=1) if args.json else None
     set_exact_fp32()
-    model = build_random_model(QWEN25_VL_3B_CONFIG, dtype=torch.float32, device="cuda")
+    model = build_random_model(config, dtype=torch.float32, device="cuda")
     engine = VideoStreamInference(model, proc, config=StreamConfig())
     log("fp32 model built")
     # as a user would start a long stream: capacity for the last point reserved and the graphs captured once
     # (without it the cache grows x1.5 at a time and every growth captures the graphs again, in fp32)
-    engine.warmup((SIZE, SIZE), 4, fps=FPS, capacity=points[-1] // 2 * (SIZE // 28) ** 2 + 4096)
+    engine.warmup((SIZE, SIZE), 4, fps=FPS, capacity=points[-1] // 2 * per_pair + 4096)
     log("fp32 engine warmed up")
     rows = []
 

@@ -8,6 +8,10 @@ median of its 10 neighbours), plus the eager engine and the native path on short
 card's ceilings and floors, and (``--exact``) fp32 greedy/choice agreement with the offline path.
 
     python benchmarks/bench_stream.py --out out/ --streams fast60,long10 --eager-seconds 16 --native 2,16
+    python benchmarks/bench_stream.py --arch qwen3_vl-8b --streams fast60 --out out/   # another family
+
+``first_calls``: the first call of each kind after ``warmup()`` (question, decode, ask_choice, a
+choice set of a new length, ask_stream) against the median of its next calls.
 """
 from __future__ import annotations
 
@@ -27,7 +31,7 @@ from model import StreamConfig, VideoStreamInference  # noqa: E402
 from percentiles import row, summary  # noqa: E402
 from model.offline import build_inputs, question_events, native_generate  # noqa: E402
 from model.synthetic import synthetic_frames  # noqa: E402
-from model.testing import QWEN25_VL_3B_CONFIG, build_3b_processor, build_random_model  # noqa: E402
+from model.testing import REAL_CONFIGS, build_processor, build_random_model  # noqa: E402
 from model.timing import GIB, device_info, sync  # noqa: E402
 
 Q = "What is happening in the video right now?"
@@ -64,10 +68,29 @@ def decode_and_choice(engine) -> dict:
     return {"decode_tps": answers[-1].tokens_per_s, "choice4_ms": 1e3 * statistics.median(choice[1:])}
 
 
+def first_calls(engine) -> dict:
+    """Each kind of call right after warmup() (the first) against the median of the next three (ms)."""
+    stops, engine.stop_ids = engine.stop_ids, set()
+    kinds = {
+        "question": lambda: engine.ask(Q, max_new_tokens=1),
+        "answer_16_tokens": lambda: engine.ask(Q, max_new_tokens=16),
+        "ask_choice_4": lambda: engine.ask_choice(Q, CHOICES),
+        "ask_choice_new_length": lambda: engine.ask_choice(Q, CHOICES + ["something else entirely"]),
+        "ask_stream_16": lambda: "".join(engine.ask_stream(Q, max_new_tokens=16)),
+    }
+    out = {}
+    for name, call in kinds.items():
+        ms = [1e3 * timed(call)[1] for _ in range(4)]
+        out[name] = {"first_ms": ms[0], "next_median_ms": statistics.median(ms[1:])}
+    engine.stop_ids = stops
+    return out
+
+
 def run_stream(model, proc, name: str, config: StreamConfig, warm: bool = True) -> dict:
     seconds, fps, every = STREAMS[name]
     n_frames = int(seconds * fps)
-    tokens = n_frames // 2 * (SIZE // 28) ** 2 + 4096
+    factor = engine_factor(model, proc)
+    tokens = n_frames // 2 * ((SIZE // factor) ** 2 + 16) + 4096  # (+16: a Qwen3-VL pair's timestamp and markers)
     engine = VideoStreamInference(model, proc, config=config)
     gc.collect()  # engines of earlier runs (and their graphs) are gone before the baseline is read
     torch.cuda.empty_cache()
@@ -88,6 +111,10 @@ def run_stream(model, proc, name: str, config: StreamConfig, warm: bool = True) 
     gc.callbacks.append(on_gc)
     per_check = int(round(every * fps))
     frames = synthetic_frames(min(n_frames, 1200), SIZE, SIZE)  # cycled: content does not change the cost
+    if warm:  # the first call of each kind after warm-up, on a stream of one chunk
+        engine.append_frames(frames[:CHUNK], fps=fps)
+        extra["first_calls"] = first_calls(engine)
+        engine.reset(keep_memory=True)
     for i in range(0, n_frames, CHUNK):
         chunk = [frames[(i + k) % len(frames)] for k in range(min(CHUNK, n_frames - i))]
         info, dt = timed(lambda: engine.append_frames(chunk, fps=fps))
@@ -144,6 +171,8 @@ def print_stream(r):
     for w in r["windows"]:
         c, q = w["chunk"], w["ttft"]
         print(f"   {w['from_s']:5.0f}-{w['to_s']:<5.0f}s | {w['cache_tokens']:7d} | {row(c)} | {row(q)}")
+    for kind, v in r.get("first_calls", {}).items():
+        print(f"   first {kind} after warm-up: {v['first_ms']:.1f} ms (next calls' median {v['next_median_ms']:.1f} ms)")
     for k in ("at_2s", "at_end"):
         if k in r:
             print(f"   {k}: decode {r[k]['decode_tps']:.0f} tokens/s, ask_choice(4) {r[k]['choice4_ms']:.1f} ms")
@@ -173,11 +202,20 @@ def ceilings() -> dict:
     return {"matmul_tflops": 2 * 8192**3 / mm / 1e12, "copy_gbps": 2 * x.numel() * 4 / cp / 1e9}
 
 
-def floors(ceil: dict, tokens: int) -> dict:
-    """Memory floors: weights (6.2 GB of the 3B LM + head) plus the K/V read once (36 KiB per token)."""
+def engine_factor(model, proc) -> int:
+    """Pixels per merged token side (28: Qwen2/2.5-VL, 32: Qwen3-VL)."""
+    return model.family.video_pixels(proc).factor
+
+
+def floors(ceil: dict, model, tokens: int) -> dict:
+    """Memory floors of a decode step: the language model's weights (the vision tower's excluded) plus the K/V
+    read once (the model's bytes per token)."""
     bw = ceil["copy_gbps"] * 1e9
-    weights, kv = 6.2e9, 36 * 1024 * tokens
-    return {"decode_ms": 1e3 * (weights + kv) / bw, "ttft_ms": 1e3 * (weights + kv) / bw}
+    lm = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if ".visual." not in f".{n}")
+    layers, heads, dim = model.kv_shape()
+    kv = 2 * layers * heads * dim * 2 * tokens
+    return {"decode_ms": 1e3 * (lm + kv) / bw, "ttft_ms": 1e3 * (lm + kv) / bw, "lm_weights_gb": lm / 1e9,
+            "kv_bytes_per_token": 2 * layers * heads * dim * 2}
 
 
 def main(argv=None) -> int:
@@ -188,18 +226,21 @@ def main(argv=None) -> int:
     p.add_argument("--native", default="", help="native path at these video lengths (s), e.g. 2,16")
     p.add_argument("--kernel", default="auto", choices=["auto", "triton", "torch"])
     p.add_argument("--no-warmup", action="store_true")
+    p.add_argument("--arch", default="qwen2_5_vl-3b", choices=sorted(REAL_CONFIGS),
+                   help="the architecture (random weights)")
     args = p.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     res = {"meta": {**device_info(), "dtype": "bfloat16", "resolution": [SIZE, SIZE], "chunk": CHUNK,
                     "command": "python benchmarks/bench_stream.py " + " ".join(argv or sys.argv[1:])}}
     res["ceilings"] = ceilings()
     print(res["meta"], res["ceilings"])
-    model = build_random_model(QWEN25_VL_3B_CONFIG, dtype=torch.bfloat16, device="cuda")
-    proc = build_3b_processor()
+    res["meta"]["arch"] = args.arch
+    model = build_random_model(REAL_CONFIGS[args.arch], dtype=torch.bfloat16, device="cuda")
+    proc = build_processor(args.arch.split("-")[0])
     fast = StreamConfig(attention_kernel=args.kernel)
     for name in filter(None, args.streams.split(",")):
         res[name] = run_stream(model, proc, name, fast, warm=not args.no_warmup)
-        res[name]["floors"] = floors(res["ceilings"], res[name]["cache_tokens"])
+        res[name]["floors"] = floors(res["ceilings"], model, res[name]["cache_tokens"])
         json.dump(res, open(os.path.join(args.out, "bench_stream.json"), "w"), indent=1)
     for name in filter(None, args.eager_seconds.split(",")):
         res["eager_" + name] = run_stream(model, proc, name, StreamConfig(fast=False), warm=False)
@@ -228,7 +269,8 @@ def plot(res, path):
         ax.set(xlabel="video time (s)", ylabel="ms", yscale="log", title=f"{r['name']}: {r['backends']['text_attention']}")
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=7)
-    fig.suptitle(f"{res['meta']['card']}, bf16, {SIZE}x{SIZE}, Qwen2.5-VL-3B arch (random weights)", fontsize=9)
+    fig.suptitle(f"{res['meta']['card']}, bf16, {SIZE}x{SIZE}, {res['meta'].get('arch', 'qwen2_5_vl-3b')} arch "
+                 "(random weights)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 

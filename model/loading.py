@@ -1,9 +1,11 @@
 """Loading an engine the way every entry point does: a checkpoint, or random weights said loudly.
 
-``--model`` (or ``$QWEN_MODEL_PATH``) names a local checkpoint folder; a path that does not
-exist is an error naming it, never a silent fallback. With neither, random weights: the real
-Qwen2.5-VL-3B architecture on a GPU (timings are real, answers are not), the tiny model on CPU.
-Used by the step scripts (``report.py``), the CLI and the benchmark runner.
+``--model`` (or ``$QWEN_MODEL_PATH``) names a local checkpoint folder of any supported family
+(its ``config.json`` says which); a path that does not exist is an error naming it, never a
+silent fallback. With neither, random weights: a real architecture on a GPU (Qwen2.5-VL-3B by
+default, ``$QWEN_RANDOM_ARCH`` another: timings are real, answers are not), a family's tiny
+model on CPU. Used by the step scripts (``report.py``), the CLI, the benchmark runner and the
+server. ``model.testing`` (the fixtures) is imported only on that random-weights path.
 """
 from __future__ import annotations
 
@@ -37,11 +39,15 @@ def load_checkpoint(path, device: Optional[str] = None, dtype=None, attn_impleme
 
 
 def load_engine(model_path: Optional[str] = None, dtype: Optional[str] = None, device: Optional[str] = None,
-                attn_implementation: str = "sdpa", out: Optional[TextIO] = None, config=None):
+                attn_implementation: str = "sdpa", out: Optional[TextIO] = None, config=None,
+                arch: Optional[str] = None):
     """(engine, description). ``dtype``: a name in ``DTYPES`` (default bf16 on a GPU, fp32 on CPU).
     ``config``: the engine's ``StreamConfig`` (default settings if None).
 
-    ``out``: where the random-weights banner goes (default: standard error at call time).
+    Without a checkpoint: random weights of ``arch`` (or ``$QWEN_RANDOM_ARCH``): on a GPU a real
+    architecture (``testing.REAL_CONFIGS``: "qwen2_5_vl-3b", the default, "qwen2_vl-2b",
+    "qwen3_vl-2b", "qwen3_vl-4b", "qwen3_vl-8b"), on CPU a family's tiny model (the family part of
+    the name: "qwen3_vl"). ``out``: where the random-weights banner goes (default: standard error).
     """
     from . import VideoStreamInference
     from .timing import set_exact_fp32
@@ -59,18 +65,22 @@ def load_engine(model_path: Optional[str] = None, dtype: Optional[str] = None, d
         where = "--model" if model_path else "QWEN_MODEL_PATH"
         if not os.path.isdir(path):
             raise ValueError(f"Model not found: {path!r} (from {where}) is not a folder; "
-                             "pass a local Qwen2.5-VL checkpoint folder")
+                             "pass a local Qwen-VL checkpoint folder (Qwen2-VL, Qwen2.5-VL or Qwen3-VL)")
         engine = VideoStreamInference.from_pretrained(path, device="cuda" if cuda else "cpu", dtype=torch_dtype,
                                                       attn_implementation=attn_implementation, config=config)
         return engine, f"checkpoint {path}"
-    from .testing import QWEN25_VL_3B_CONFIG, build_3b_processor, build_random_model, build_tiny_model
+    from .testing import REAL_CONFIGS, TINY_CONFIGS, build_processor, build_random_model, build_tiny_model
 
-    what = "Qwen2.5-VL-3B architecture" if cuda else "tiny model (CPU)"
+    arch = arch or os.environ.get("QWEN_RANDOM_ARCH") or "qwen2_5_vl-3b"
+    family = arch.split("-")[0]
+    if arch not in REAL_CONFIGS or family not in TINY_CONFIGS:
+        raise ValueError(f"random-weight architecture {arch!r} is not one of {sorted(REAL_CONFIGS)}")
+    what = f"{arch} architecture" if cuda else f"tiny {family} model (CPU)"
     print("!" * 78 + f"\n! No model given (--model / QWEN_MODEL_PATH): RANDOM WEIGHTS ({what}).\n"
           "! Answers are meaningless; timings are real on a GPU.\n" + "!" * 78, file=out or sys.stderr)
     if cuda:
-        model = build_random_model(QWEN25_VL_3B_CONFIG, dtype=torch_dtype, device="cuda",
+        model = build_random_model(REAL_CONFIGS[arch], dtype=torch_dtype, device="cuda",
                                    attn_implementation=attn_implementation)
-        return VideoStreamInference(model, build_3b_processor(), config=config), f"random-weight {what}"
-    model, processor = build_tiny_model(attn_implementation=attn_implementation)
+        return VideoStreamInference(model, build_processor(family), config=config), f"random-weight {what}"
+    model, processor = build_tiny_model(attn_implementation=attn_implementation, family=family)
     return VideoStreamInference(model.to(torch_dtype), processor, config=config), f"random-weight {what}"

@@ -225,6 +225,13 @@ class Stream:
         self.append_video(txn, raw, fps)  # the chunk's vision and LM graphs
         if self.kv.recall is not None:  # recall's host slab, sized for units of these frames
             self.kv.recall.reserve(self.kv.cache, max(s.n for s in txn.state.layout.spans if s.grid >= 0))
+        if self.model.family.pair_blocks:  # every length of timestamp text a stream writes (up to ~28 hours)
+            for start in [0.0, *_timestamp_lengths(len(raw), fps)]:
+                fork = txn.fork()
+                self.append_video(fork, raw, fps, [start + k / fps for k in range(len(raw))])
+                fork = txn.fork()
+                self.append_video(fork, raw[:1], fps, [start])
+                self.close_video(fork)  # a held frame flushed at a question, at this length
         self.append_video(txn, raw[:1], fps)  # a held frame ...
         self.close_video(txn)  # ... flushed padded: the one-pair graphs
         for b in self.config.graph_buckets:  # questions and decode steps of every bucket (and recall's probes)
@@ -251,3 +258,10 @@ class Stream:
             "cuda_graphs": w.runner.status() if w.runner is not None else "off",
             "vision_graphs": w.vision_graphs.status() if w.vision_graphs is not None else "off",
         }
+
+
+def _timestamp_lengths(frames: int, fps: float) -> list[float]:
+    """Start times of chunks whose frame pairs' timestamps take every number of integer digits from 1 to 5, and
+    chunks that straddle each power of ten (pairs of two lengths): one of each chunk length Qwen3-VL writes."""
+    span = frames / fps
+    return [max(0.0, 10.0 ** d - back * span) for d in range(1, 6) for back in (1.0, 0.5)]

@@ -9,7 +9,7 @@ import torch
 
 from model import VideoStreamInference
 from model.offline import build_inputs, question_events, native_generate
-from model.testing import TINY_CONFIG, build_random_model, synthetic_frames
+from model.testing import TINY_CONFIG, TINY_CONFIGS, build_random_model, build_tiny_model, synthetic_frames
 from model.timing import set_exact_fp32
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -22,9 +22,18 @@ def cuda_tiny(tiny):
     return model, tiny[1]
 
 
+@pytest.fixture(scope="module", params=sorted(TINY_CONFIGS))
+def cuda_family(request):
+    """Each family's tiny model on the GPU, fp32 (TF32 off)."""
+    set_exact_fp32()
+    _, proc = build_tiny_model(family=request.param)
+    return build_random_model(TINY_CONFIGS[request.param], device="cuda"), proc
+
+
 @pytest.mark.parametrize("size", [(90, 120), (150, 200)])
-def test_graphs_and_fast_attention_equal_offline(cuda_tiny, size):
-    model, proc = cuda_tiny
+def test_graphs_and_fast_attention_equal_offline(cuda_family, size):
+    """Every family: Triton attention, LM graphs (DeepStack rows in Qwen3-VL's chunk graphs), vision graphs."""
+    model, proc = cuda_family
     frames = synthetic_frames(11, *size)
     fast = VideoStreamInference(model, proc, fast=True)
     for k, c in enumerate([3, 4, 1, 3]):

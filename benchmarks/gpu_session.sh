@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# One GPU call, several stages: `bash benchmarks/gpu_session.sh STAGE [STAGE ...]` on the device machine.
+# Logs and JSON/PNG results go to $OUT (what the device tool brings back). Each stage has its own time
+# limit so a slow one cannot eat the call. transformers 5.24 travels as a wheel in .whl/ (the image has 5.17).
+set -u
+OUT=${OUT:-out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site
+fi
+python3 -c "import torch, transformers, triton; print('torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__, torch.cuda.get_device_name(0))" | tee -a "$OUT/session.log"
+
+stage() {  # stage NAME SECONDS COMMAND...
+  local name=$1 limit=$2; shift 2
+  echo "=== $name ($(date +%T), limit ${limit}s): $*" | tee -a "$OUT/session.log"
+  local t0=$SECONDS
+  timeout "$limit" "$@" >>"$OUT/session.log" 2>&1
+  echo "=== $name: exit $? after $((SECONDS - t0)) s" | tee -a "$OUT/session.log"
+}
+
+for s in "$@"; do
+  case $s in
+    gpu-tests) stage gpu-tests 240 python3 -m pytest -q -p no:cacheprovider tests/test_gpu_fast_path.py ;;
+    lifetime) stage lifetime 150 python3 benchmarks/bench_lifetime.py --arch qwen2_5_vl-3b --seconds 6 --json "$OUT/lifetime.json" ;;
+    q3-8b) stage q3-8b 240 python3 benchmarks/bench_stream.py --arch qwen3_vl-8b --streams fast60 --out "$OUT/q3_8b" ;;
+    q3-2b) stage q3-2b 180 python3 benchmarks/bench_stream.py --arch qwen3_vl-2b --streams fast60 --out "$OUT/q3_2b" ;;
+    q3-exact) stage q3-exact 300 python3 benchmarks/bench_exact.py --arch qwen3_vl-8b --long-tokens 10000 --short-points 2 --long-points 1 --json "$OUT/q3_exact.json" ;;
+    q25-3b) stage q25-3b 300 python3 benchmarks/bench_stream.py --arch qwen2_5_vl-3b --streams fast60,long10 --out "$OUT/q25_3b" ;;
+    *) echo "unknown stage $s" | tee -a "$OUT/session.log" ;;
+  esac
+done
+tail -c 3000 "$OUT/session.log"
