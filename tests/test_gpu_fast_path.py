@@ -47,7 +47,11 @@ def test_graphs_and_fast_attention_equal_offline(cuda_family, size):
         assert (a.first_logits - ref.first_logits).abs().max() <= 1e-4
         assert torch.equal(a.first_logits, b.first_logits)
     stats = fast.stats()
-    assert stats["cuda_graphs"].startswith("on") and stats["vision_attention"] != "sdpa", stats
+    assert stats["vision_attention"] != "sdpa", stats
+    if model.family.name == "qwen3_vl_moe":  # its expert routing syncs with the host: graphs fall back to eager
+        assert stats["cuda_graphs"].startswith("off (capture failed"), stats
+    else:
+        assert stats["cuda_graphs"].startswith("on"), stats
     choices = ["a", "bb", "c c"]
     fast_scores = fast.ask_choice("Which?", choices).scores
     plain = VideoStreamInference(model, proc, fast=False)  # a second stream on the same model
