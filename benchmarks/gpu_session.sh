@@ -27,6 +27,7 @@ for s in "$@"; do
     q3-8b) stage q3-8b 240 python3 benchmarks/bench_stream.py --arch qwen3_vl-8b --streams fast60 --out "$OUT/q3_8b" ;;
     q3-2b) stage q3-2b 180 python3 benchmarks/bench_stream.py --arch qwen3_vl-2b --streams fast60 --out "$OUT/q3_2b" ;;
     q3-exact) stage q3-exact 300 python3 benchmarks/bench_exact.py --arch qwen3_vl-8b --long-tokens 10000 --short-points 2 --long-points 1 --json "$OUT/q3_exact.json" ;;
+    tune) stage tune 240 python3 benchmarks/tune_attention.py --json "$OUT/tune.json" ;;
     q25-3b) stage q25-3b 300 python3 benchmarks/bench_stream.py --arch qwen2_5_vl-3b --streams fast60,long10 --out "$OUT/q25_3b" ;;
     *) echo "unknown stage $s" | tee -a "$OUT/session.log" ;;
   esac

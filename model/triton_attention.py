@@ -136,20 +136,21 @@ if triton is not None:
                  mask=row_ok[:, None])
 
 
-def splits_for(rows: int, kv_heads: int, keys: int, device: torch.device) -> int:
+def splits_for(rows: int, kv_heads: int, keys: int, device: torch.device, block_m: Optional[int] = None) -> int:
     """Key ranges per (row block, K/V head): enough programs to fill the GPU."""
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-    programs = math.ceil(rows / _block_m(rows)) * kv_heads
+    programs = math.ceil(rows / (block_m or launch_config(rows)[0])) * kv_heads
     return max(1, min(128, (4 * sms) // programs, math.ceil(keys / (4 * BLOCK_N))))
 
 
-def _block_m(rows: int) -> int:
-    return 16 if rows <= 16 else 64
+def launch_config(rows: int) -> tuple[int, int, int]:
+    """(query rows per program, warps, pipeline stages) for ``rows`` folded rows (K/V heads' query heads x tokens)."""
+    return (16 if rows <= 16 else 64), 4, 3
 
 
 def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, start: torch.Tensor, scale: float,
               splits: Optional[int] = None, branches: Optional[torch.Tensor] = None,
-              rank: Optional[torch.Tensor] = None) -> torch.Tensor:
+              rank: Optional[torch.Tensor] = None, launch: Optional[tuple[int, int, int]] = None) -> torch.Tensor:
     """query (1, Hq, n, D) at positions [start, start+n); key/value (1, Hkv, >= start+n, D) buffers.
 
     ``start``: a 0-d integer tensor on the query's device. ``branches``: None (causal), or an (n,)
@@ -160,13 +161,15 @@ def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, start
     ``rank`` (capacity,) int32 (a bounded stream's scattered slots): keys [0, start) are scanned
     and slot j is seen by row t if rank[j] == 0 (kept) or 1 <= rank[j] <= t + 1 (a new token
     written at or before t; with ``branches``, also rank[j] - 1 >= branches[t]).
+
+    ``launch``: (rows per block, warps, pipeline stages) instead of ``launch_config``'s (a tuning sweep).
     """
     _, hq, n, d = query.shape
     hkv = key.shape[1]
     g, m = hq // hkv, (hq // hkv) * n
     assert d & (d - 1) == 0 and d >= 16, f"head dim {d} must be a power of two >= 16"
-    splits = splits or splits_for(m, hkv, key.shape[2], query.device)
-    bm = _block_m(m)
+    bm, warps, stages = launch or launch_config(m)
+    splits = splits or splits_for(m, hkv, key.shape[2], query.device, bm)
     acc = torch.empty(splits, hkv, m, d, dtype=torch.float32, device=query.device)
     lse = torch.empty(splits, hkv, m, dtype=torch.float32, device=query.device)
     out = torch.empty(1, n, hq, d, dtype=query.dtype, device=query.device)
@@ -175,7 +178,7 @@ def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, start
     _split_kernel[(triton.cdiv(m, bm), hkv, splits)](
         q, k, v, start, branches if branches is not None else start, rank if rank is not None else start, acc, lse,
         *q.stride(), *k.stride(), *v.stride(), n, g, m, scale, SPLITS=splits, BM=bm, BN=BLOCK_N, D=d, FP32=fp32,
-        TREE=branches is not None, RANK=rank is not None)
+        TREE=branches is not None, RANK=rank is not None, num_warps=warps, num_stages=stages)
     _merge_kernel[(triton.cdiv(m, bm), hkv)](acc, lse, out, out.stride(1), out.stride(2), out.stride(3), n, g, m, hkv,
                                              SPLITS=splits, BM=bm, D=d)
     return out
