@@ -330,6 +330,9 @@ class Connection:
             except SessionError as e:
                 self.send(error_event(e.code, str(e)))
                 return
+            except Exception as e:  # noqa: BLE001 - one message's failure is its error event, not the connection's
+                log.exception("message failed", extra={"fields": {"event": "message_failed", "session": self.session.id}})
+                self.send(error_event("internal", f"the message failed ({type(e).__name__}); the session is unchanged"))
 
     def _message(self, text: str) -> None:
         msg = parse_json(text, self.limits)

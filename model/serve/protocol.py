@@ -172,11 +172,12 @@ def parse_frames(data: bytes, limits: Limits) -> list[FrameRecord]:
         if not math.isfinite(t) or t < 0:
             raise ProtocolError("bad_frame", f"{where}: capture time must be a finite number >= 0, got {t!r}")
         at += HEADER.size
+        if fmt == FORMAT_RGB:
+            check_frame_size(width, height, limits, where)
         if length > len(data) - at:
             raise ProtocolError("bad_frame", f"{where}: payload length {length} runs past the message's end "
                                              f"({len(data) - at} bytes left)")
         if fmt == FORMAT_RGB:
-            check_frame_size(width, height, limits, where)
             if length != width * height * 3:
                 raise ProtocolError("bad_frame", f"{where}: raw RGB of {width}x{height} needs {width * height * 3} "
                                                  f"bytes, got {length}")
@@ -204,7 +205,11 @@ def decode_frame(rec: FrameRecord, limits: Limits, where: str) -> np.ndarray:
     from PIL import Image, UnidentifiedImageError
 
     try:
-        img = Image.open(io.BytesIO(rec.payload))
+        try:
+            img = Image.open(io.BytesIO(rec.payload))
+        except Image.DecompressionBombError as e:  # PIL's own ceiling, far above ours: refused as a limit too
+            raise ProtocolError("limit", f"{where}: image size over the limit of {limits.max_frame_pixels} pixels "
+                                         f"({e})") from None
         if img.format not in ("JPEG", "PNG"):
             raise ProtocolError("bad_frame", f"{where}: payload is {img.format}, not JPEG or PNG")
         check_frame_size(img.width, img.height, limits, where)

@@ -228,11 +228,7 @@ class SessionRegistry:
         from .. import VideoStreamInference
 
         try:
-            config = self.config.stream.replace(
-                cache_budget_tokens=settings.cache_budget_tokens, video_window_seconds=settings.video_window_seconds,
-                sink_frames=settings.sink_frames, recall_grids=settings.recall_grids,
-                recall_host_tokens=self.config.recall_host_tokens)
-            engine = VideoStreamInference(self.model, self.processor, config=config)
+            engine = VideoStreamInference(self.model, self.processor, config=stream_config(self.config, settings))
         except (ValueError, TypeError) as e:
             raise ProtocolError("bad_settings", str(e)) from None
         try:
@@ -307,6 +303,13 @@ class SessionRegistry:
     async def close_all(self) -> None:
         for sid in list(self._sessions):
             await self.delete(sid, reason="server shutting down")
+
+
+def stream_config(config: ServerConfig, settings: SessionSettings) -> StreamConfig:
+    """The ``StreamConfig`` of a session's engine: the server's, with the session's budget."""
+    return config.stream.replace(cache_budget_tokens=settings.cache_budget_tokens,
+                                 video_window_seconds=settings.video_window_seconds, sink_frames=settings.sink_frames,
+                                 recall_grids=settings.recall_grids, recall_host_tokens=config.recall_host_tokens)
 
 
 def _out_of_memory(e: BaseException) -> bool:
