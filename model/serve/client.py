@@ -83,6 +83,7 @@ class SessionClient:
         self._replies: dict[str, tuple[Reply, asyncio.Queue]] = {}
         self._status_waiters: list[asyncio.Future] = []
         self._n = 0
+        self.disconnected = False  # the connection has closed (the server's "closed" event says why, if it sent one)
 
     async def __aenter__(self) -> "SessionClient":
         import websockets
@@ -118,6 +119,10 @@ class SessionClient:
                 elif kind == "error":
                     self.errors.append(event)
         finally:
+            self.disconnected = True
+            for waiter in self._status_waiters:
+                waiter.done() or waiter.set_exception(ConnectionError("the connection closed"))
+            self._status_waiters.clear()
             for reply, queue in self._replies.values():
                 if reply.final is None:
                     queue.put_nowait({"type": "error", "id": reply.id, "code": "disconnected",
@@ -166,6 +171,8 @@ class SessionClient:
 
     async def next_status(self, timeout: float = 30.0) -> dict:
         """Ask for a status event now and return it."""
+        if self.disconnected:
+            raise ConnectionError("the connection closed")
         waiter = asyncio.get_running_loop().create_future()
         self._status_waiters.append(waiter)
         await self.ws.send(json.dumps({"type": "status"}))
