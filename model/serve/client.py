@@ -78,6 +78,8 @@ class SessionClient:
         self.max_size, self.open_timeout = max_size, open_timeout
         self.hello: Optional[dict] = None
         self.status: Optional[dict] = None  # the latest status event
+        self.statuses: list[dict] = []  # every status event received
+        self.status_times: list[float] = []  # time.perf_counter() of each status event's arrival
         self.errors: list[dict] = []  # error events not tied to a question (bad frames, ...)
         self.closed: Optional[dict] = None  # the server's "closed" event, if it sent one
         self._replies: dict[str, tuple[Reply, asyncio.Queue]] = {}
@@ -111,6 +113,8 @@ class SessionClient:
                     queue.put_nowait(event)
                 elif kind == "status":
                     self.status = event
+                    self.statuses.append(event)
+                    self.status_times.append(time.perf_counter())
                     for waiter in self._status_waiters:
                         waiter.done() or waiter.set_result(event)
                     self._status_waiters.clear()
