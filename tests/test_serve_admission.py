@@ -13,15 +13,17 @@ from __future__ import annotations
 import asyncio
 import time
 
-import httpx
 import pytest
-import websockets
 
-from model.serve.app import build_app
-from model.serve.client import SessionClient, create_session, ws_url
-from model.serve.config import ServerConfig
-from model.serve.testing import ServerThread
-from model.testing import synthetic_frames
+pytest.importorskip("fastapi")  # the server's dependencies (requirements.txt)
+httpx = pytest.importorskip("httpx")
+websockets = pytest.importorskip("websockets")
+
+from model.serve.app import build_app  # noqa: E402
+from model.serve.client import SessionClient, create_session, ws_url  # noqa: E402
+from model.serve.config import ServerConfig  # noqa: E402
+from model.serve.testing import ServerThread  # noqa: E402
+from model.testing import synthetic_frames  # noqa: E402
 
 MIB = 2**20
 

@@ -12,18 +12,21 @@ import json
 import struct
 import zlib
 
-import httpx
 import numpy as np
 import pytest
 
-from model import VideoStreamInference
-from model.serve.app import build_app
-from model.serve.client import SessionClient, create_session, ws_url
-from model.serve.config import ServerConfig
-from model.serve.protocol import FORMAT_ENCODED, HEADER, MAGIC, Limits, SessionBounds, encode_frame, parse_settings
-from model.serve.sessions import stream_config
-from model.serve.testing import ServerThread
-from model.testing import synthetic_frames
+pytest.importorskip("fastapi")  # the server's dependencies (requirements.txt)
+httpx = pytest.importorskip("httpx")
+
+from model import VideoStreamInference  # noqa: E402
+from model.serve.app import build_app  # noqa: E402
+from model.serve.client import SessionClient, create_session, ws_url  # noqa: E402
+from model.serve.config import ServerConfig  # noqa: E402
+from model.serve.protocol import (FORMAT_ENCODED, HEADER, MAGIC, Limits, SessionBounds,  # noqa: E402
+                                  encode_frame, parse_settings)
+from model.serve.sessions import stream_config  # noqa: E402
+from model.serve.testing import ServerThread  # noqa: E402
+from model.testing import synthetic_frames  # noqa: E402
 
 LIMITS = Limits(max_message_bytes=200_000, max_frame_pixels=300 * 300, max_question_chars=100, max_choices=4,
                 max_choice_chars=20, max_new_tokens=512, default_max_new_tokens=8)

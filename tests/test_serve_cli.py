@@ -16,7 +16,6 @@ import sys
 import time
 from pathlib import Path
 
-import httpx
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -51,6 +50,8 @@ def test_help_and_bad_flags_answer_before_anything_heavy_loads(args, code, words
 
 
 def test_a_server_process_serves_and_stops_cleanly(tmp_path):
+    pytest.importorskip("fastapi")
+    httpx = pytest.importorskip("httpx")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

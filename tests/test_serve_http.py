@@ -7,16 +7,18 @@ from __future__ import annotations
 
 import json
 
-import httpx
 import pytest
 
-from model import VideoStreamInference
-from model.serve.app import build_app
-from model.serve.config import ServerConfig
-from model.serve.protocol import Limits, SessionBounds, encode_frame, parse_settings
-from model.serve.sessions import stream_config
-from model.serve.testing import ServerThread
-from model.testing import synthetic_frames
+pytest.importorskip("fastapi")  # the server's dependencies (requirements.txt)
+httpx = pytest.importorskip("httpx")
+
+from model import VideoStreamInference  # noqa: E402
+from model.serve.app import build_app  # noqa: E402
+from model.serve.config import ServerConfig  # noqa: E402
+from model.serve.protocol import Limits, SessionBounds, encode_frame, parse_settings  # noqa: E402
+from model.serve.sessions import stream_config  # noqa: E402
+from model.serve.testing import ServerThread  # noqa: E402
+from model.testing import synthetic_frames  # noqa: E402
 
 CONFIG = ServerConfig(limits=Limits(max_message_bytes=100_000))
 FRAMES = synthetic_frames(8, 56, 84, seed=7)

@@ -13,17 +13,19 @@ import asyncio
 import gc
 import weakref
 
-import httpx
 import pytest
 
-from model import VideoStreamInference
-from model.serve.app import build_app
-from model.serve.client import SessionClient, create_session, ws_url
-from model.serve.config import ServerConfig
-from model.serve.protocol import SessionBounds, parse_settings
-from model.serve.sessions import stream_config
-from model.serve.testing import ServerThread
-from model.testing import synthetic_frames
+pytest.importorskip("fastapi")  # the server's dependencies (requirements.txt)
+httpx = pytest.importorskip("httpx")
+
+from model import VideoStreamInference  # noqa: E402
+from model.serve.app import build_app  # noqa: E402
+from model.serve.client import SessionClient, create_session, ws_url  # noqa: E402
+from model.serve.config import ServerConfig  # noqa: E402
+from model.serve.protocol import SessionBounds, parse_settings  # noqa: E402
+from model.serve.sessions import stream_config  # noqa: E402
+from model.serve.testing import ServerThread  # noqa: E402
+from model.testing import synthetic_frames  # noqa: E402
 
 CONFIG = ServerConfig()
 QUESTION = "What is moving across the screen?"
