@@ -31,6 +31,8 @@ from model.serve.sessions import stream_config  # noqa: E402
 from model.testing import synthetic_frames  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+KEY = "ray-test-key-0123"
+AUTH = {"Authorization": f"Bearer {KEY}"}
 FRAMES = synthetic_frames(8, 56, 84, seed=11)
 
 
@@ -46,7 +48,8 @@ def cluster():
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         from model.serve.ray_app import build_app
 
-        serve.run(build_app({"device": "cpu", "replicas": 2, "idle_timeout": 600}), name="vsq", route_prefix="/")
+        serve.run(build_app({"device": "cpu", "replicas": 2, "idle_timeout": 600, "api_key": KEY}), name="vsq",
+                  route_prefix="/")
         yield f"http://127.0.0.1:{port}"
     finally:
         serve.shutdown()
@@ -61,7 +64,7 @@ def sessions_on_both(url: str) -> dict[str, str]:
     """Create sessions until both replicas hold one -> {replica: session id}."""
     found = {}
     for _ in range(40):
-        sid = httpx.post(f"{url}/v1/sessions", json={"fps": 2.0}, timeout=30).json()["id"]
+        sid = httpx.post(f"{url}/v1/sessions", json={"fps": 2.0}, headers=AUTH, timeout=30).json()["id"]
         found.setdefault(owner(sid), sid)
         if len(found) == 2:
             return found
@@ -69,7 +72,7 @@ def sessions_on_both(url: str) -> dict[str, str]:
 
 
 def header(sid: str) -> dict:
-    return {"x-session-id": sid}
+    return {"x-session-id": sid, **AUTH}
 
 
 def reference(question: str, frames, max_new: int = 6) -> list[int]:
@@ -85,12 +88,13 @@ def reference(question: str, frames, max_new: int = 6) -> list[int]:
 def test_sessions_on_both_replicas_are_listed_across_them(cluster):
     url = cluster
     both = sessions_on_both(url)
-    listed = httpx.get(f"{url}/v1/sessions", timeout=30).json()["sessions"]
+    assert httpx.get(f"{url}/v1/sessions", timeout=30).status_code == 401  # the key reached every replica
+    listed = httpx.get(f"{url}/v1/sessions", headers=AUTH, timeout=30).json()["sessions"]
     by_id = {s["id"]: s for s in listed}
     for replica, sid in both.items():
         assert sid in by_id and by_id[sid]["replica"] == replica
     assert {s["replica"] for s in listed} == set(both)
-    info = httpx.get(f"{url}/v1/info", timeout=30).json()
+    info = httpx.get(f"{url}/v1/info", headers=AUTH, timeout=30).json()
     assert info["route_header"] == "x-session-id"
 
 
@@ -122,8 +126,8 @@ def test_affinity_holds_over_50_requests_per_session_and_on_the_websocket(cluste
 
     async def websocket(sid: str):
         async with httpx.AsyncClient(base_url=url, timeout=30) as http:
-            sid = (await http.post("/v1/sessions", json={})).json()["id"]
-        async with SessionClient(ws_url(url, sid), session_header=True) as s:
+            sid = (await http.post("/v1/sessions", json={}, headers=AUTH)).json()["id"]
+        async with SessionClient(ws_url(url, sid), api_key=KEY, session_header=True) as s:
             assert s.hello["id"] == sid
             await s.send_frames([(k / 2, FRAMES[k]) for k in range(4)])
             await s.send_frames([(k / 2, FRAMES[k]) for k in range(4, 8)])
@@ -141,8 +145,8 @@ def test_a_killed_replica_loses_its_sessions_and_spares_the_others(cluster):
     (victim, lost), (survivor, kept) = list(both.items())
 
     async def run():
-        async with SessionClient(ws_url(url, lost), session_header=True) as doomed, \
-                SessionClient(ws_url(url, kept), session_header=True) as alive:
+        async with SessionClient(ws_url(url, lost), api_key=KEY, session_header=True) as doomed, \
+                SessionClient(ws_url(url, kept), api_key=KEY, session_header=True) as alive:
             await alive.send_frames([(k / 2, FRAMES[k]) for k in range(4)])
             await alive.wait_ingested(4)
             ray.kill(ray.get_actor(f"SERVE_REPLICA::vsq#StreamServer#{victim}", namespace="serve"), no_restart=True)
@@ -177,5 +181,5 @@ def test_a_killed_replica_loses_its_sessions_and_spares_the_others(cluster):
                         headers=header(kept)).text
         done = json.loads(sse.strip().split("\n\n")[-1].split("data: ", 1)[1])
         assert done["token_ids"] == answer.final["token_ids"]
-        listed = {s["id"] for s in http.get("/v1/sessions").json()["sessions"]}
+        listed = {s["id"] for s in http.get("/v1/sessions", headers=AUTH).json()["sessions"]}
         assert kept in listed and lost not in listed

@@ -90,7 +90,9 @@ class Admission:
             if self._cuda_device is not None:
                 import torch
 
-                free = torch.cuda.mem_get_info(self._cuda_device)[0]
+                dev = self._cuda_device
+                # what the device has free, plus what PyTorch's allocator holds unused (a closed session's cache)
+                free = torch.cuda.mem_get_info(dev)[0] + torch.cuda.memory_reserved(dev) - torch.cuda.memory_allocated(dev)
                 if need > free:
                     raise AdmissionRefused(f"a session needs {need / GIB:.3f} GiB and the GPU has {free / GIB:.3f} "
                                            "GiB free", retry)

@@ -113,7 +113,7 @@ def create_app(registry: SessionRegistry, metrics: ServerMetrics, cluster: Any =
             raise SessionError(401, "unauthorized", "this server needs 'Authorization: Bearer <API key>'")
 
     def session_for(headers, sid: str) -> Session:
-        session = registry._sessions.get(sid)
+        session = registry.find(sid)
         if session is not None:
             return session
         header = cluster.route_header
@@ -201,9 +201,7 @@ def create_app(registry: SessionRegistry, metrics: ServerMetrics, cluster: Any =
     async def post_frames(sid: str, request: Request):
         require_auth(request)
         session = session_for(request.headers, sid)
-        counts = await session.receive_frames(await read_body(request))
-        metrics.frames.labels("received").inc(counts["frames"])
-        metrics.frames.labels("skipped").inc(counts["skipped"])
+        counts = await receive_frames(session, await read_body(request), metrics)
         return {**counts, "status": session.status()}
 
     @app.post("/v1/sessions/{sid}/questions")
@@ -252,6 +250,19 @@ def create_app(registry: SessionRegistry, metrics: ServerMetrics, cluster: Any =
         await conn.run(config.status_interval_s)
 
     return app
+
+
+async def receive_frames(session: Session, data: bytes, metrics: ServerMetrics) -> dict:
+    """A frames message into ``session``, counted by fate (received, skipped; rejected when refused)."""
+    before = session.frames_rejected
+    try:
+        counts = await session.receive_frames(data)
+    except ProtocolError:
+        metrics.frames.labels("rejected").inc(session.frames_rejected - before)
+        raise
+    metrics.frames.labels("received").inc(counts["frames"])
+    metrics.frames.labels("skipped").inc(counts["skipped"])
+    return counts
 
 
 class Connection:
@@ -320,9 +331,7 @@ class Connection:
             self.session.touch()
             try:
                 if msg.get("bytes") is not None:
-                    counts = await self.session.receive_frames(msg["bytes"])
-                    self.metrics.frames.labels("received").inc(counts["frames"])
-                    self.metrics.frames.labels("skipped").inc(counts["skipped"])
+                    await receive_frames(self.session, msg["bytes"], self.metrics)
                 elif msg.get("text") is not None:
                     self._message(msg["text"])
             except ProtocolError as e:

@@ -19,8 +19,8 @@ class ServerMetrics:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.frames = Counter("vsq_frames_total", "Frames by what became of them: received (arrived), skipped (by the "
-                              "session's fps), ingested (in the engine), dropped (queue full), rejected (bad)",
-                              ["fate"], registry=r)
+                              "session's fps), ingested (in the engine), dropped (queue full), rejected (a bad "
+                              "message), failed (the engine refused the chunk)", ["fate"], registry=r)
         self.chunk_seconds = Histogram("vsq_chunk_seconds", "Time to ingest one chunk (append_frames)",
                                        buckets=TTFT_BUCKETS, registry=r)
         self.questions = Counter("vsq_questions_total", "Questions answered, by kind (text, choice)", ["kind"],
@@ -44,6 +44,9 @@ class ServerMetrics:
 
     def frames_dropped(self, n: int) -> None:
         self.frames.labels("dropped").inc(n)
+
+    def frames_failed(self, n: int) -> None:
+        self.frames.labels("failed").inc(n)
 
     def question_answered(self, kind: str, ttft_s: float, engine_ttft_s: Optional[float]) -> None:
         self.questions.labels(kind).inc()

@@ -78,10 +78,12 @@ class RayCluster:
 
     def __init__(self, registry, app_name: str):
         self.registry, self.app_name = registry, app_name
+        self._handle = None
 
     async def list_sessions(self) -> list[dict]:
-        handle = serve.get_deployment_handle(DEPLOYMENT, self.app_name)
-        replies = await handle.broadcast("local_sessions").results_async(timeout_s=10, return_exceptions=True)
+        if self._handle is None:
+            self._handle = serve.get_deployment_handle(DEPLOYMENT, self.app_name)
+        replies = await self._handle.broadcast("local_sessions").results_async(timeout_s=10, return_exceptions=True)
         out = []
         for reply in replies:
             if isinstance(reply, BaseException):
@@ -142,8 +144,11 @@ def build_app(args: dict) -> "serve.Application":
 
     from .__main__ import parse_args, server_config
 
-    argv = []
+    argv, env = [], {}
     for key, value in args.items():
+        if key == "api_key":  # to the replicas through their environment, not their arguments
+            env["SERVE_API_KEY"] = str(value)
+            continue
         flag = "--" + key.replace("_", "-")
         if isinstance(value, bool) or str(value).lower() in ("true", "false"):
             if str(value).lower() == "true":
@@ -158,6 +163,8 @@ def build_app(args: dict) -> "serve.Application":
     cuda = parsed.device == "cuda" or (parsed.device is None and gpus > 0)
     replicas = parsed.replicas or max(1, gpus)
     options = {"num_gpus": 1} if cuda else {"num_cpus": 0.5}
+    if env:
+        options["runtime_env"] = {"env_vars": env}
     return StreamServer.options(num_replicas=replicas, ray_actor_options=options).bind(argv)
 
 

@@ -85,7 +85,7 @@ class SessionRunner:
     video. chunk_frames: frames per ``append_frames`` at most. max_queued_frames: the ingest queue's
     bound. notify(event): session-level events (an ingest failure), called from the worker thread.
     observer: optional metrics hooks (``frames_ingested(n, seconds)``, ``frames_dropped(n)``,
-    ``question_answered(kind, ttft_s, engine_ttft_s)``).
+    ``frames_failed(n)``, ``question_answered(kind, ttft_s, engine_ttft_s)``).
     """
 
     def __init__(self, engine, fps: float, chunk_frames: int, max_queued_frames: int, max_pending_questions: int,
@@ -252,6 +252,8 @@ class SessionRunner:
         except Exception as e:  # noqa: BLE001 - the engine committed nothing: report, count and go on
             with self._cond:
                 self.frames_failed += len(chunk)
+            if self._observer is not None:
+                self._observer.frames_failed(len(chunk))
             internal = not isinstance(e, (ValueError, TypeError))
             if internal:
                 log.exception("ingest failed", extra={"fields": {"event": "ingest_failed", "session": self.name}})

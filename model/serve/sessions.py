@@ -267,7 +267,12 @@ class SessionRegistry:
         """The replica prefix a session id carries ("" on a plain server)."""
         return sid.rsplit("-", 1)[0] + "-" if "-" in sid else ""
 
+    def find(self, sid: str) -> Optional[Session]:
+        """The live session ``sid`` held here, or None."""
+        return self._sessions.get(sid)
+
     def get(self, sid: str) -> Session:
+        """The live session ``sid``, or ``SessionError``: 404 unknown or ended (saying why), 410 lost with its replica."""
         session = self._sessions.get(sid)
         if session is not None:
             return session
