@@ -209,6 +209,10 @@ def test_cancel_stops_an_answer_and_a_newer_connection_takes_over(server, tiny):
         async with first:
             await good_frames(first)
             reply = await first.start("Tell me everything.", max_new_tokens=512)
+            n = len(first.errors)
+            await first.send_raw(json.dumps({"type": "question", "id": reply.id, "text": "Again?"}))
+            await first.next_status()
+            duplicate = first.errors[n:]
             await first.send_raw(json.dumps({"type": "cancel", "id": reply.id}))
             await first.finish(reply)
             async with SessionClient(ws_url(url, sid)) as second:
@@ -218,9 +222,10 @@ def test_cancel_stops_an_answer_and_a_newer_connection_takes_over(server, tiny):
                     await asyncio.sleep(0.02)
                 taken = first.closed
                 answer = await second.ask("What happened?", max_new_tokens=8)
-        return reply, taken, answer
+        return reply, taken, answer, duplicate
 
-    reply, taken, answer = asyncio.run(run())
+    reply, taken, answer, duplicate = asyncio.run(run())
+    assert [e["code"] for e in duplicate] == ["bad_question"] and "still being answered" in duplicate[0]["message"]
     assert reply.final["type"] == "response.cancelled" and len(reply.deltas) < 512
     assert taken is not None and taken["code"] == 4409 and "newer connection" in taken["reason"]
     assert answer.final["token_ids"] == expected(tiny, "What happened?").token_ids

@@ -348,7 +348,7 @@ class Connection:
         kind = msg["type"]
         if kind == "question":
             qid = msg.get("id")
-            if isinstance(qid, str) and qid in self.jobs and not self.jobs[qid].finished:
+            if isinstance(qid, str) and qid in self.jobs:
                 raise ProtocolError("bad_question", f"question id {qid!r} is still being answered")
             try:
                 job = self.session.ask(msg)
@@ -372,6 +372,8 @@ class Connection:
     async def _pump(self, job: QuestionJob) -> None:
         async for event in job.events():
             self.send(event)
+        if self.jobs.get(job.question.id) is job:
+            del self.jobs[job.question.id]  # answered: a connection holds only its open questions
         self.session.touch()
 
     async def _ticker(self, period: float) -> None:
