@@ -5,11 +5,14 @@ waits at most for the chunk being encoded when it arrived, never for the frames 
 and is answered from what the engine holds when it starts (its done event says how much that
 was). Frames wait in a bounded queue; when ingest falls behind, the oldest queued frames are
 dropped and counted, and what reaches the engine is always whole, in order, and consistent (each
-engine call is a transaction). The asyncio side talks to it through three calls:
+engine call is a transaction). Nothing else in the server touches an engine; the asyncio side
+talks to it through these calls:
 
+    runner = SessionRunner.open(model, processor, config, capacity=...)   # the engine, cache reserved
     runner.submit_frames(frames)      # non-blocking; returns how many queued frames it dropped
     job = runner.ask(question)        # non-blocking; ``async for event in job.events()``
     await runner.close()              # cancels what is pending, closes the engine (frees its memory)
+    runner.status(), runner.stats()   # counters; the engine's stats() (lock-free)
 
 Answers are streamed with ``engine.ask_stream`` from the worker thread and handed to the event
 loop piece by piece; a cancelled job (client gone) closes its answer, which rolls it back.
@@ -88,8 +91,8 @@ class SessionRunner:
     ``frames_failed(n)``, ``question_answered(kind, ttft_s, engine_ttft_s)``).
     """
 
-    def __init__(self, engine, fps: float, chunk_frames: int, max_queued_frames: int, max_pending_questions: int,
-                 notify: Callable[[dict], None] = lambda event: None, observer: Any = None, name: str = "session"):
+    def __init__(self, engine, fps: float, chunk_frames: int = 4, max_queued_frames: int = 32,
+                 max_pending_questions: int = 4, notify: Callable[[dict], None] = lambda event: None, observer: Any = None, name: str = "session"):
         self.engine = engine
         self.fps, self.chunk_frames = fps, chunk_frames
         self.max_queued_frames, self.max_pending_questions = max_queued_frames, max_pending_questions
@@ -113,6 +116,29 @@ class SessionRunner:
         self._closing_engine = threading.Lock()  # stats() readers vs the worker closing the engine
         self._thread = threading.Thread(target=self._run, name=f"runner-{name}", daemon=True)
         self._thread.start()
+
+    @classmethod
+    def open(cls, model, processor, config, capacity: int, warmup_frame_size: Optional[tuple[int, int]] = None,
+             fps: float = 2.0, **runner_options) -> "SessionRunner":
+        """A new engine over ``model`` (its ``StreamConfig`` ``config``) with ``capacity`` tokens of cache reserved now,
+        or warmed up for frames of ``warmup_frame_size`` (H, W) (graphs captured, cache reserved), and its runner.
+
+        Raises what the engine raises: ValueError/TypeError for a config it refuses, out of memory while
+        reserving (the engine is closed again either way).
+        """
+        from .. import VideoStreamInference
+
+        engine = VideoStreamInference(model, processor, config=config)
+        try:
+            if warmup_frame_size is not None:
+                engine.warmup(frame_size=tuple(warmup_frame_size), chunk_frames=runner_options.get("chunk_frames", 4),
+                              fps=fps, capacity=capacity)
+            else:
+                engine.reserve(capacity)
+        except BaseException:
+            engine.close()
+            raise
+        return cls(engine, fps, **runner_options)
 
     # ------------------------------------------------------------------ the asyncio side
     def submit_frames(self, frames: list[QueuedFrame]) -> int:
@@ -331,3 +357,11 @@ class SessionRunner:
             self.questions_answered += 1
         if self._observer is not None:
             self._observer.question_answered(kind, ttft_s, engine_ttft_s)
+
+
+def pixel_range(model, processor, config):
+    """The frame sizes the model's video processor accepts: ``min_pixels``, ``max_pixels``, ``factor`` (px per merged patch)."""
+    from .. import VideoStreamInference
+
+    with VideoStreamInference(model, processor, config=config) as probe:  # constructing one allocates no cache
+        return probe.video_pixels

@@ -22,7 +22,7 @@ from .admission import GIB, Admission, AdmissionRefused, MemoryModel
 from .config import ServerConfig
 from .protocol import (FrameRecord, ProtocolError, Question, SessionSettings, decode_frame, parse_frames,
                        parse_question)
-from .runner import QueuedFrame, QuestionJob, RunnerClosed, SessionRunner
+from .runner import QueuedFrame, QuestionJob, RunnerClosed, SessionRunner, pixel_range
 
 log = logging.getLogger("model.serve")
 EPS = 1e-6
@@ -168,15 +168,11 @@ class SessionRegistry:
     """
 
     def __init__(self, model, processor, config: ServerConfig, observer: Any = None, id_prefix: str = ""):
-        from .. import VideoStreamInference
-
         self.model, self.processor, self.config = model, processor, config
         self.observer, self.id_prefix = observer, id_prefix
         self._sessions: dict[str, Session] = {}
         self._ended: collections.OrderedDict[str, str] = collections.OrderedDict()
-        probe = VideoStreamInference(model, processor, config=config.stream)  # reads the processor's pixel range
-        pixels = probe.video_pixels
-        probe.close()
+        pixels = pixel_range(model, processor, config.stream)
         self._min_pixels, self._factor = pixels.min_pixels, pixels.factor
         cuda = model.device.type == "cuda"
         overhead = config.session_overhead_bytes
@@ -210,12 +206,10 @@ class SessionRegistry:
         need = self.memory.session_bytes(settings, self.config.limits, self.config.recall_host_tokens)
         self.admission.reserve(sid, need, self._retry_after())
         try:
-            engine = await asyncio.to_thread(self._build_engine, settings)
+            runner = await asyncio.to_thread(self._open_runner, sid, settings)
         except BaseException:
             self.admission.release(sid)
             raise
-        runner = SessionRunner(engine, settings.fps, settings.chunk_frames, self.config.limits.max_queued_frames,
-                               self.config.limits.max_pending_questions, observer=self.observer, name=sid)
         session = Session(sid, settings, runner, need, self.config, self._frame_problem)
         runner._notify = session.notify
         self._sessions[sid] = session
@@ -223,28 +217,23 @@ class SessionRegistry:
                                                       "settings": settings.to_json(), "memory_bytes": need}})
         return session
 
-    def _build_engine(self, settings: SessionSettings):
-        """The session's engine, its cache reserved now (so running out of memory happens here, refused)."""
-        from .. import VideoStreamInference
-
+    def _open_runner(self, sid: str, settings: SessionSettings) -> SessionRunner:
+        """The session's runner and engine, its cache reserved now (running out of memory happens here, refused)."""
+        limits = self.config.limits
         try:
-            engine = VideoStreamInference(self.model, self.processor, config=stream_config(self.config, settings))
+            return SessionRunner.open(
+                self.model, self.processor, stream_config(self.config, settings),
+                capacity=self.memory.capacity_tokens(settings, limits),
+                warmup_frame_size=settings.frame_size if self.warmup else None, fps=settings.fps,
+                chunk_frames=settings.chunk_frames, max_queued_frames=limits.max_queued_frames,
+                max_pending_questions=limits.max_pending_questions, observer=self.observer, name=sid)
         except (ValueError, TypeError) as e:
             raise ProtocolError("bad_settings", str(e)) from None
-        try:
-            capacity = self.memory.capacity_tokens(settings, self.config.limits)
-            if self.warmup and settings.frame_size is not None:
-                engine.warmup(frame_size=settings.frame_size, chunk_frames=settings.chunk_frames, fps=settings.fps,
-                              capacity=capacity)
-            else:
-                engine.reserve(capacity)
         except BaseException as e:
-            engine.close()
             if _out_of_memory(e):
                 raise AdmissionRefused(f"the device ran out of memory reserving this session's cache ({e})",
                                        self._retry_after()) from None
             raise
-        return engine
 
     def _frame_problem(self, height: int, width: int) -> Optional[str]:
         """Why the engine would refuse a frame of this size (the processor's minimum, the aspect ratio), or None."""
