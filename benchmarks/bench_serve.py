@@ -27,7 +27,6 @@ import json
 import os
 import platform
 import random
-import shutil
 import socket
 import subprocess
 import sys

@@ -15,7 +15,6 @@ import json
 import os
 import shutil
 import tempfile
-import time
 from pathlib import Path
 
 import httpx

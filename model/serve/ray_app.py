@@ -44,8 +44,9 @@ class SessionRouter(RequestRouter):
     """Session affinity: a request naming a session goes to the replica that holds it.
 
     Requests without a session (creating one, listing) go first to the replicas with the most
-    free session memory in their last report (Ray Serve picks among them by queue length); a session whose replica is no longer among the live ones
-    goes to any replica, which answers "session lost".
+    free session memory in their last report (Ray Serve picks among them by queue length); a
+    session whose replica is no longer among the live ones goes to any replica, which answers
+    "session lost".
     """
 
     async def choose_replicas(self, candidate_replicas: list[RunningReplica],

@@ -92,7 +92,8 @@ class SessionRunner:
     """
 
     def __init__(self, engine, fps: float, chunk_frames: int = 4, max_queued_frames: int = 32,
-                 max_pending_questions: int = 4, notify: Callable[[dict], None] = lambda event: None, observer: Any = None, name: str = "session"):
+                 max_pending_questions: int = 4, notify: Callable[[dict], None] = lambda event: None,
+                 observer: Any = None, name: str = "session"):
         self.engine = engine
         self.fps, self.chunk_frames = fps, chunk_frames
         self.max_queued_frames, self.max_pending_questions = max_queued_frames, max_pending_questions
