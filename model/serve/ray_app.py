@@ -171,18 +171,26 @@ def build_app(args: dict) -> "serve.Application":
 
 def serve_forever(args: argparse.Namespace, config) -> int:
     """``python -m model.serve --ray``: start (or join, with RAY_ADDRESS) a Ray cluster and serve until Ctrl-C."""
+    import os
+
     import ray
 
-    ray.init(address=None, ignore_reinit_error=True)
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # where `model` lives
+    path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
+    local = args.host in ("127.0.0.1", "localhost", "::1") and not os.environ.get("RAY_ADDRESS")
+    ray.init(address=None, ignore_reinit_error=True, runtime_env={"env_vars": {"PYTHONPATH": path}},
+             **({"_node_ip_address": "127.0.0.1"} if local else {}))  # a local-only server keeps Ray on loopback
     serve.start(http_options={"host": args.host, "port": args.port})
     flags = {k: v for k, v in vars(args).items() if v is not None and k not in ("ray", "host", "port")}
     serve.run(build_app(flags), name="vsq", route_prefix="/")
     log.info("serving on Ray Serve", extra={"fields": {"event": "ray_serving", "host": args.host, "port": args.port}})
-    try:
+    try:  # Ctrl-C; SIGTERM is taken by Ray's own handler, which ends the process (the local cluster with it)
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
         serve.shutdown()
+        ray.shutdown()
     return 0
 
 
