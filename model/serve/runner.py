@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
 import inspect
 import logging
 import threading
@@ -115,6 +116,7 @@ class SessionRunner:
         self.ingest_delay_s: Optional[float] = None  # arrival -> in the engine, for the last chunk's newest frame
         self._final_stats: dict = {}
         self._closing_engine = threading.Lock()  # stats() readers vs the worker closing the engine
+        self._done: concurrent.futures.Future = concurrent.futures.Future()  # set when the worker has closed the engine
         self._thread = threading.Thread(target=self._run, name=f"runner-{name}", daemon=True)
         self._thread.start()
 
@@ -197,7 +199,7 @@ class SessionRunner:
     async def close(self) -> None:
         """Cancel every pending question, stop ingest, close the engine (its memory is freed) and join the thread."""
         self.begin_close()
-        await asyncio.to_thread(self._thread.join)
+        await asyncio.wrap_future(self._done)  # no thread waits: the worker says when it is done
 
     def begin_close(self) -> None:
         with self._cond:
@@ -250,7 +252,10 @@ class SessionRunner:
             log.exception("session worker failed", extra={"fields": {"event": "worker_failed", "session": self.name}})
             raise
         finally:
-            self._shutdown()
+            try:
+                self._shutdown()
+            finally:
+                self._done.set_result(None)
 
     def _shutdown(self) -> None:
         with self._cond:

@@ -13,8 +13,10 @@ import asyncio
 import collections
 import logging
 import math
+import os
 import secrets
 import time
+from concurrent.futures import Executor, ThreadPoolExecutor
 from typing import Any, Callable, Optional
 
 from ..config import StreamConfig
@@ -49,10 +51,10 @@ def sample(next_k: int, t: float, fps: float) -> tuple[bool, int]:
 
 class Session:
     def __init__(self, sid: str, settings: SessionSettings, runner: SessionRunner, memory_bytes: int,
-                 config: ServerConfig, min_frame: Callable[[int, int], Optional[str]]):
+                 config: ServerConfig, min_frame: Callable[[int, int], Optional[str]], decoder: Optional[Executor] = None):
         self.id, self.settings, self.runner, self.memory_bytes = sid, settings, runner, memory_bytes
         self.config, self.limits = config, config.limits
-        self._min_frame = min_frame
+        self._min_frame, self._decoder = min_frame, decoder
         self.created = time.time()
         self.last_active = time.monotonic()
         self.next_k = 0  # the fps sampler's next instant
@@ -90,7 +92,7 @@ class Session:
                 if kept:
                     keep.append((i, rec))
             try:
-                rgb = await asyncio.to_thread(self._decode, keep)
+                rgb = await asyncio.get_running_loop().run_in_executor(self._decoder, self._decode, keep)
             except ProtocolError:
                 self.frames_rejected += len(records)
                 raise
@@ -191,6 +193,10 @@ class SessionRegistry:
         self.admission = Admission(budget, config.max_sessions, config.retry_after_s,
                                    cuda_device=model.device if cuda else None)
         self.warmup = cuda if config.warmup is None else config.warmup
+        # Own threads for decoding frames and for opening sessions (a GPU warm-up takes seconds): neither
+        # waits behind the other, nor behind anything else using asyncio's default pool.
+        self._decoder = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 2), thread_name_prefix="vsq-decode")
+        self._opener = ThreadPoolExecutor(max_workers=2, thread_name_prefix="vsq-open")
 
     def __len__(self) -> int:
         return len(self._sessions)
@@ -206,11 +212,11 @@ class SessionRegistry:
         need = self.memory.session_bytes(settings, self.config.limits, self.config.recall_host_tokens)
         self.admission.reserve(sid, need, self._retry_after())
         try:
-            runner = await asyncio.to_thread(self._open_runner, sid, settings)
+            runner = await asyncio.get_running_loop().run_in_executor(self._opener, self._open_runner, sid, settings)
         except BaseException:
             self.admission.release(sid)
             raise
-        session = Session(sid, settings, runner, need, self.config, self._frame_problem)
+        session = Session(sid, settings, runner, need, self.config, self._frame_problem, self._decoder)
         runner._notify = session.notify
         self._sessions[sid] = session
         log.info("session created", extra={"fields": {"event": "session_created", "session": sid,
@@ -297,6 +303,8 @@ class SessionRegistry:
     async def close_all(self) -> None:
         for sid in list(self._sessions):
             await self.delete(sid, reason="server shutting down")
+        self._decoder.shutdown(wait=False)
+        self._opener.shutdown(wait=False)
 
 
 def stream_config(config: ServerConfig, settings: SessionSettings) -> StreamConfig:
