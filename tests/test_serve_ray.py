@@ -39,6 +39,10 @@ FRAMES = synthetic_frames(8, 56, 84, seed=11)
 @pytest.fixture(scope="module")
 def cluster():
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"  # no usage reports: nothing leaves this machine
+    # Ray Serve gives its HTTP proxy 5 s to come up, too little on 2 busy cores (it is killed and serve.start fails);
+    # the cluster's processes inherit these from this one.
+    os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "120")
+    os.environ.setdefault("RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S", "60")
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1",
              runtime_env={"env_vars": {"PYTHONPATH": ROOT, "RAY_USAGE_STATS_ENABLED": "0"}})
     with socket.socket() as s:
