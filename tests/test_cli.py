@@ -66,7 +66,7 @@ def test_scripted_questions_end_to_end_equal_a_plain_engine(tiny, video, tmp_pat
         assert f"q.jsonl:{n}:" in err
     meta, records = result["meta"], result["questions"]
     assert [s.split("q.jsonl:")[1].split(":")[0] for s in meta["skipped_lines"]] == ["3", "4", "5", "6"]
-    assert (meta["fps"], meta["chunk"], meta["mode"], meta["model"]) == (2.0, 4, "scripted", "random-weight tiny model (CPU)")
+    assert (meta["fps"], meta["chunk"], meta["mode"], meta["model"]) == (2.0, 4, "scripted", "random-weight tiny qwen2_5_vl model (CPU)")
     assert meta["progress"]["frames"] == 6 and meta["error"] is None and meta["stats"]["frames_seen"] == 6
     assert meta["complete"] is True and meta["realtime"] is False
     assert [(r["line"], r["t"], r["frames"], r["video_s"], r["after_end"]) for r in records] == [

@@ -34,6 +34,9 @@ NOT_RUN = [
     (r"python3 -m venv |pip install ", "installs packages: needs the package index and minutes; "
                                        ".ci/run does exactly this in a fresh venv"),
     (r"python -m pytest", "the test suite itself, which contains this test"),
+    (r"(SERVE_API_KEY=\S+ )?python -m model\.serve (?!--help)|serve run |ray start ",
+     "starts a server or a Ray cluster that runs until stopped (tests/test_serve_*.py start the same server, "
+     "the browser page and Ray Serve on loopback and stop them)"),
     (r"python -m model(\.eval)? (?!--help)", "streams a video file, camera or URL, or reads benchmark datasets "
                                              "and weights, none of which a checkout has (tests/test_cli.py and "
                                              "tests/test_eval_runner.py run both tools on generated files)"),

@@ -68,7 +68,7 @@ def test_a_server_process_serves_and_stops_cleanly(tmp_path):
             except httpx.HTTPError:
                 assert proc.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
                 time.sleep(0.1)
-        assert health["status"] == "ok" and health["model"] == "random-weight tiny model (CPU)"
+        assert health["status"] == "ok" and health["model"] == "random-weight tiny qwen2_5_vl model (CPU)"
         assert httpx.post(f"{url}/v1/sessions").status_code == 401  # the key came from $SERVE_API_KEY
         sid = httpx.post(f"{url}/v1/sessions", headers=auth).json()["id"]
         info = httpx.get(f"{url}/v1/info", headers=auth).json()
