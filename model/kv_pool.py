@@ -21,7 +21,7 @@ keeps its tokens in slots of pages it owns, through its own page table:
 """
 from __future__ import annotations
 
-import heapq
+import itertools
 import threading
 import weakref
 from dataclasses import replace
@@ -59,7 +59,10 @@ class KVPool:
                               torch.zeros(1, heads, capacity, dim, dtype=self.dtype, device=self.device))
                              for _ in range(layers))  # ((K, V), ...) per layer: allocated here, never again
         self.allocations = 1
-        self._free = list(range(self.config.pages))  # a heap: the lowest free page first
+        # the owner of each page (-1: free): the one record of who owns what. A stream's page table may lag
+        # behind it (an interrupt between taking pages and mapping them): ``reconcile`` repairs that
+        self._owner = torch.full((self.config.pages,), -1, dtype=torch.long)
+        self._owners = itertools.count()
         self._lock = threading.Lock()
         from .scheduler import Scheduler
 
@@ -77,24 +80,40 @@ class KVPool:
 
     @property
     def free_pages(self) -> int:
-        return len(self._free)
+        return int((self._owner < 0).sum())
 
-    def take(self, k: int) -> list[int]:
-        """``k`` free pages (lowest first), now owned by the caller; ValueError when fewer are free."""
+    def new_owner(self) -> int:
+        return next(self._owners)
+
+    def take(self, k: int, owner: int) -> list[int]:
+        """``k`` free pages (lowest first), now owned by ``owner``; ValueError when fewer are free."""
         with self._lock:
-            if k > len(self._free):
+            free = torch.nonzero(self._owner < 0)[:k, 0]
+            if free.numel() < k:
                 raise ValueError(
-                    f"the KV pool is full: {k} more page(s) of {self.page} slots needed, {len(self._free)} of "
+                    f"the KV pool is full: {k} more page(s) of {self.page} slots needed, {free.numel()} of "
                     f"{self.config.pages} free (PoolConfig.tokens={self.config.tokens}): build a larger pool, bound the "
                     "streams (StreamConfig.cache_budget_tokens) or reset/close streams you no longer need")
-            return [heapq.heappop(self._free) for _ in range(k)]
+            self._owner[free] = owner  # one step: taken and recorded together
+            return free.tolist()
 
-    def give(self, pages) -> None:
-        """Pages back to the pool (entries < 0, unmapped, are skipped)."""
+    def give(self, pages: list[int], owner: int) -> None:
+        """``owner``'s ``pages`` back to the pool (pages it does not own are left alone)."""
+        if pages:
+            with self._lock:
+                index = torch.tensor(pages, dtype=torch.long)
+                self._owner[index[self._owner[index] == owner]] = -1
+
+    def release(self, owner: int, keep: Optional[list[int]] = None) -> None:
+        """Every page of ``owner`` back to the pool, except ``keep``."""
         with self._lock:
-            for p in pages:
-                if p >= 0:
-                    heapq.heappush(self._free, p)
+            mine = self._owner == owner
+            if keep:
+                mine[torch.tensor(keep, dtype=torch.long)] = False
+            self._owner[mine] = -1
+
+    def owned_by(self, owner: int) -> int:
+        return int((self._owner == owner).sum())
 
     def nbytes_per_token(self) -> int:
         layers, heads, dim = self.shape
@@ -118,6 +137,10 @@ class PooledCache:
     """A stream's local slot space over pages of a ``KVPool`` (the subset of ``StreamKVCache`` the stream uses).
 
     ``table[i]`` is the pool page holding local page i, or -1 (unmapped: no reachable head uses it).
+    Every change is ordered so that an interrupt between two lines loses nothing: pages are taken
+    (and recorded as this stream's by the pool) before they are mapped, and unmapped before they
+    are given back; pages the pool records as this stream's but the table lacks go back at the next
+    ``reconcile`` (when a call begins).
     """
 
     def __init__(self, pool: KVPool):
@@ -125,9 +148,10 @@ class PooledCache:
         self.shape, self.dtype, self.device = pool.shape, pool.dtype, pool.device
         self.grow_min, self.initial_capacity = pool.page, 0
         self.allocations = 0  # the pool allocated the memory; a pooled stream never does
-        self.table: list[int] = []  # mutated in place only: the finaliser below holds this list
-        self._tables: dict = {}  # derived tensors of the current table, per device
-        weakref.finalize(self, pool.give, self.table)  # a dropped engine's pages go back (no cycle holds it)
+        self.key = pool.new_owner()
+        self.table: list[int] = []
+        self._device_table: tuple = ((), None)  # (the table it was made from, its tensor on the device)
+        weakref.finalize(self, pool.release, self.key)  # a dropped engine's pages go back (no cycle holds it)
 
     @property
     def buffers(self):
@@ -145,17 +169,17 @@ class PooledCache:
     @property
     def owned(self) -> int:
         """Pages of the pool this stream owns."""
-        return sum(1 for p in self.table if p >= 0)
+        return self.pool.owned_by(self.key)
 
     def table_tensor(self, device=None) -> torch.Tensor:
-        """(local pages,) int64: the pool page of each local page, -1 unmapped (cached until the table changes)."""
-        key = str(torch.device(device or "cpu"))
-        if key not in self._tables:
-            self._tables[key] = torch.tensor(self.table, dtype=torch.long).to(key)
-        return self._tables[key]
-
-    def _changed(self) -> None:
-        self._tables = {}
+        """(local pages,) int64: the pool page of each local page, -1 unmapped (on ``device``: cached per table)."""
+        table = torch.tensor(self.table, dtype=torch.long)
+        if device is None or torch.device(device).type == "cpu":
+            return table
+        key = (str(device), tuple(self.table))
+        if self._device_table[0] != key:
+            self._device_table = (key, table.to(device))
+        return self._device_table[1]
 
     def slot_index(self, slots: torch.Tensor) -> torch.Tensor:
         """(n,) int64 CPU local slots -> (n,) their pool slots, on the device."""
@@ -175,7 +199,6 @@ class PooledCache:
         missing = -(-n_tokens // self.page) - len(self.table)
         if missing > 0:
             self.table.extend([-1] * missing)
-            self._changed()
 
     reserve = ensure
 
@@ -196,32 +219,25 @@ class PooledCache:
             rest = torch.cat([rest, torch.arange(cap, self.capacity)])
         chosen = rest[:need]
         local = sorted(set((chosen // page).tolist()))
-        for i, p in zip(local, self.pool.take(len(local))):
+        for i, p in zip(local, self.pool.take(len(local), self.key)):
             self.table[i] = p
-        self._changed()
         return torch.cat([first, chosen])
 
     def release_unused(self, taken: torch.Tensor) -> None:
-        """Give back every owned page none of whose slots is ``taken`` ((capacity,) bool), and trailing unmapped ones."""
+        """Give back every owned page none of whose slots is ``taken`` ((capacity,) bool), and any page the pool
+        records as this stream's that the table lacks; drop trailing unmapped local pages."""
         used = taken.view(-1, self.page).any(1).tolist() if self.table else []
-        gone = [i for i, p in enumerate(self.table) if p >= 0 and not used[i]]
-        if gone:
-            self.pool.give([self.table[i] for i in gone])
-            for i in gone:
-                self.table[i] = -1
-        trimmed = False
+        for i, p in enumerate(self.table):
+            if p >= 0 and not used[i]:
+                self.table[i] = -1  # unmapped first: a page the pool has is never still mapped here
         while self.table and self.table[-1] < 0:
             self.table.pop()
-            trimmed = True
-        if gone or trimmed:
-            self._changed()
+        self.pool.release(self.key, keep=[p for p in self.table if p >= 0])
 
     def release_all(self) -> None:
         """Every page back to the pool; the local space empties."""
-        pages = list(self.table)
         self.table.clear()
-        self._changed()
-        self.pool.give(pages)
+        self.pool.release(self.key)
 
     def nbytes(self, length: int) -> int:
         """Bytes of ``length`` tokens' K/V."""
@@ -302,9 +318,8 @@ class PooledKVCacheManager(KVCacheManager):
         other = PooledKVCacheManager(self.pool, initial_state=self.initial_state, budget=self.budget)
         mapped = [i for i, p in enumerate(self.cache.table) if p >= 0]
         other.cache.ensure(self.cache.capacity)
-        for i, p in zip(mapped, self.pool.take(len(mapped))):
+        for i, p in zip(mapped, self.pool.take(len(mapped), other.cache.key)):
             other.cache.table[i] = p
-        other.cache._changed()
         if mapped:
             local = (torch.tensor(mapped)[:, None] * self.cache.page + torch.arange(self.cache.page)).flatten()
             src, dst = self.cache.slot_index(local), other.cache.slot_index(local)

@@ -63,7 +63,7 @@ class Scheduler:
         self._expect: set[int] = set()  # owners of the last batch: when all have submitted again, go at once
         self._last_arrival = 0.0
         self._counts = {"lm_batches": 0, "lm_segments": 0, "lm_rows": 0, "max_lm_segments": 0, "vision_batches": 0,
-                        "vision_grids": 0, "failed_batches": 0}
+                        "vision_grids": 0, "max_vision_grids": 0, "failed_batches": 0}
 
     # -- the callers' side ---------------------------------------------------------------
     def submit(self, work, owner) -> Any:
@@ -248,3 +248,4 @@ class Scheduler:
         else:
             c["vision_batches"] += 1
             c["vision_grids"] += len(works)
+            c["max_vision_grids"] = max(c["max_vision_grids"], len(works))

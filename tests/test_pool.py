@@ -52,12 +52,12 @@ def script(seed: int) -> list[tuple]:
     return ops
 
 
-def run(engine: VideoStreamInference, op: tuple):
+def run(engine: VideoStreamInference, op: tuple, frames=FRAMES):
     """One operation -> what it returned (a refusal by the budget is a result too: both sides must refuse)."""
     kind = op[0]
     try:
         if kind == "append":
-            info = engine.append_frames(FRAMES[op[1]:op[1] + op[2]], fps=op[3])
+            info = engine.append_frames(frames[op[1]:op[1] + op[2]], fps=op[3])
             return info.cache_len, info.frames_encoded
         if kind == "image":
             return engine.append_image(IMAGE).cache_len
