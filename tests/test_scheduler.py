@@ -19,7 +19,6 @@ import sys
 import threading
 import time
 
-
 from model import KVPool, StreamConfig, VideoStreamInference
 from model.testing import synthetic_frames
 from tests.conftest import assert_same_signature, signature
