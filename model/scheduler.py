@@ -128,6 +128,10 @@ class Scheduler:
         c["mean_vision_batch"] = c["vision_grids"] / c["vision_batches"] if c["vision_batches"] else 0.0
         return c
 
+    def reset_stats(self) -> None:
+        """Start counting batches afresh (e.g. after a warm-up)."""
+        self._counts = dict.fromkeys(self._counts, 0)
+
     def stop(self, reason: str = "KVPool.close()") -> None:
         """End the thread; queued requests fail with RuntimeError."""
         with self._cond:
