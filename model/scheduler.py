@@ -63,7 +63,8 @@ class Scheduler:
         self._expect: set[int] = set()  # owners of the last batch: when all have submitted again, go at once
         self._last_arrival = 0.0
         self._counts = {"lm_batches": 0, "lm_segments": 0, "lm_rows": 0, "max_lm_segments": 0, "vision_batches": 0,
-                        "vision_grids": 0, "max_vision_grids": 0, "failed_batches": 0}
+                        "vision_grids": 0, "max_vision_grids": 0, "failed_batches": 0, "lm_host_s": 0.0,
+                        "vision_host_s": 0.0, "idle_s": 0.0}  # host seconds: issuing batches, waiting for work
 
     # -- the callers' side ---------------------------------------------------------------
     def submit(self, work, owner) -> Any:
@@ -122,7 +123,9 @@ class Scheduler:
             return len(self._queue)
 
     def stats(self) -> dict:
-        """Batches run so far: counts and mean sizes (segments per language-model batch, grids per vision batch)."""
+        """Batches run so far: counts and mean sizes (segments per language-model batch, grids per vision batch), and
+        the scheduler thread's host time issuing each kind and waiting for work (on a GPU, issuing is not
+        finishing: a busy thread with an idle GPU means launch-bound)."""
         c = dict(self._counts)
         c["mean_lm_batch"] = c["lm_segments"] / c["lm_batches"] if c["lm_batches"] else 0.0
         c["mean_vision_batch"] = c["vision_grids"] / c["vision_batches"] if c["vision_batches"] else 0.0
@@ -130,7 +133,7 @@ class Scheduler:
 
     def reset_stats(self) -> None:
         """Start counting batches afresh (e.g. after a warm-up)."""
-        self._counts = dict.fromkeys(self._counts, 0)
+        self._counts = {k: type(v)() for k, v in self._counts.items()}
 
     def stop(self, reason: str = "KVPool.close()") -> None:
         """End the thread; queued requests fail with RuntimeError."""
@@ -149,10 +152,15 @@ class Scheduler:
             torch.cuda.set_device(self.model.device)
         try:
             while True:
+                t0 = time.perf_counter()
                 batch = self._next_batch()
                 if batch is None:
                     return
+                t1 = time.perf_counter()
                 self._run(batch)
+                kind = "lm_host_s" if isinstance(batch[0].work, LMWork) else "vision_host_s"
+                self._counts["idle_s"] += t1 - t0
+                self._counts[kind] += time.perf_counter() - t1
         finally:
             with self._cond:
                 self._stopped = self._stopped or "its thread ended"
