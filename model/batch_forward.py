@@ -109,11 +109,24 @@ def run_lm(model, buffers, page: int, works: list[LMWork]) -> list:
 
 
 @torch.no_grad()
-def run_vision(model, works: list[VisionWork]) -> list[VisionOut]:
-    """Grids of one group -> each one's ``VisionOut`` ((tokens, D) embeddings, DeepStack features)."""
+def run_vision(model, works: list[VisionWork], layouts: Optional[dict] = None) -> list[VisionOut]:
+    """Grids of one group -> each one's ``VisionOut`` ((tokens, D) embeddings, DeepStack features).
+
+    ``layouts``: a cache of the tower's precomputed layout per tuple of grids (``Family.vision_static_kwargs``,
+    computed from a host copy of the grids): the tower then never waits for the device to read its layout.
+    """
     patches = torch.cat([w.patches for w in works])
-    grid = torch.tensor([w.grid for w in works], dtype=torch.long, device=patches.device)  # (k, 3)
-    out = model.family.encode_vision(model, patches, grid, varlen=works[0].varlen)
+    grids = tuple(tuple(w.grid) for w in works)
+    grid = torch.tensor(grids, dtype=torch.long, device=patches.device)  # (k, 3)
+    static = None
+    if layouts is not None and works[0].varlen:
+        if grids not in layouts:
+            if len(layouts) >= 64:
+                layouts.pop(next(iter(layouts)))
+            host = model.family.vision_static_kwargs(model, torch.tensor(grids, dtype=torch.long))
+            layouts[grids] = host and {k: v.to(patches.device) if torch.is_tensor(v) else v for k, v in host.items()}
+        static = layouts[grids]
+    out = model.family.encode_vision(model, patches, grid, varlen=works[0].varlen, **dict(static or {}))
     merge = compat.vision_tower(model).spatial_merge_size
     sizes = [t * h * w // merge**2 for t, h, w in (w.grid for w in works)]
     embeds = out.embeds.split(sizes)

@@ -62,6 +62,7 @@ class Scheduler:
         self._stopped: Optional[str] = None
         self._expect: set[int] = set()  # owners of the last batch: when all have submitted again, go at once
         self._last_arrival = 0.0
+        self._layouts: dict = {}  # the vision tower's precomputed layout per tuple of grids (``run_vision``)
         self._counts = {"lm_batches": 0, "lm_segments": 0, "lm_rows": 0, "max_lm_segments": 0, "vision_batches": 0,
                         "vision_grids": 0, "max_vision_grids": 0, "failed_batches": 0, "lm_host_s": 0.0,
                         "vision_host_s": 0.0, "idle_s": 0.0}  # host seconds: issuing batches, waiting for work
@@ -224,7 +225,7 @@ class Scheduler:
 
     def _execute(self, works: list) -> list:
         if isinstance(works[0], VisionWork):
-            return run_vision(self.model, works)
+            return run_vision(self.model, works, self._layouts)
         return run_lm(self.model, self.buffers, self.config.page, works)
 
     def _run(self, batch: list[Request]) -> None:

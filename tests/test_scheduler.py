@@ -19,6 +19,8 @@ import sys
 import threading
 import time
 
+import pytest
+
 from model import KVPool, StreamConfig, VideoStreamInference
 from model.testing import synthetic_frames
 from tests.conftest import assert_same_signature, signature
@@ -230,3 +232,34 @@ def test_the_many_streams_benchmark_runs_on_the_tiny_model(tmp_path):
     for r in runs:
         assert r["aggregate_frames_per_s"] > 0 and r["ttft_ms"]["n"] == 2 * r["streams"]
         assert r["batching"]["lm_batches"] > 0
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen3_vl", "qwen3_vl_moe"])
+def test_every_family_batches_exactly(family):
+    """Other families in one batch: Qwen2-VL's tower, Qwen3-VL's interpolated positions and DeepStack rows."""
+    from model.testing import build_tiny_model
+
+    model, proc = build_tiny_model(seed=0, family=family)
+    frames = synthetic_frames(12, 64, 96, seed=5)
+    pool = KVPool.for_model(model, tokens=4096, page=16, **BATCHING)
+    configs = [StreamConfig(), StreamConfig(cache_budget_tokens=200, recall_grids=1, recall_host_tokens=64)]
+    engines = [VideoStreamInference(model, proc, config=c, pool=pool) for c in configs]
+
+    def job(k):
+        engines[k].append_frames(frames[k:k + 5], fps=2)
+        engines[k].append_frames(frames[5:12], fps=2)
+        return engines[k].ask("What?", max_new_tokens=3)
+
+    with pool.scheduler.paused():  # the two streams' first grids go in one vision batch
+        results = []
+        thread = threading.Thread(target=lambda: results.extend(drive([lambda: job(0), lambda: job(1)])))
+        thread.start()
+        wait_pending(pool, 2)
+    thread.join(timeout=300)
+    assert pool.stats()["max_vision_grids"] == 2, pool.stats()
+    for k, cfg in enumerate(configs):
+        alone = VideoStreamInference(model, proc, config=cfg)
+        alone.append_frames(frames[k:k + 5], fps=2)
+        alone.append_frames(frames[5:12], fps=2)
+        want = alone.ask("What?", max_new_tokens=3)
+        assert results[k].token_ids == want.token_ids and close(results[k].first_logits, want.first_logits)
