@@ -8,10 +8,11 @@ from importlib import import_module
 _WHERE = {"StreamConfig": ".config", "AnswerStream": ".answer_stream", "Answer": ".decoding",
           "ChoiceResult": ".decoding", "KVCacheManager": ".kv_cache_manager", "StreamKVCache": ".kv_cache_manager",
           "open_video": ".sources", "StreamState": ".stream", "StreamQwenModel": ".stream_qwen_model",
-          "ChunkInfo": ".video_stream_inference", "VideoStreamInference": ".video_stream_inference"}
+          "ChunkInfo": ".video_stream_inference", "VideoStreamInference": ".video_stream_inference",
+          "KVPool": ".kv_pool", "PoolConfig": ".config"}
 
 __all__ = ["VideoStreamInference", "StreamConfig", "StreamQwenModel", "StreamState", "KVCacheManager",
-           "StreamKVCache", "ChunkInfo", "Answer", "ChoiceResult", "AnswerStream", "open_video"]
+           "StreamKVCache", "ChunkInfo", "Answer", "ChoiceResult", "AnswerStream", "open_video", "KVPool", "PoolConfig"]
 
 
 def __getattr__(name: str):

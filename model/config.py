@@ -104,6 +104,42 @@ class StreamConfig:
         return StreamConfig(**{**{f.name: getattr(self, f.name) for f in fields(self)}, **changes})
 
 
+@dataclass(frozen=True)
+class PoolConfig:
+    """Settings of one ``KVPool`` (``kv_pool.py``) and its ``Scheduler`` (``scheduler.py``), shared by its streams.
+
+    Invalid values raise ``ValueError``/``TypeError`` at construction.
+    """
+
+    tokens: int = 65_536  # K/V slots of the pool, allocated once when it is built (its memory)
+    page: int = 64  # slots per page (a stream owns whole pages); a power of two >= 16 (the Triton kernel's key block)
+    batch_window_ms: float = 0.5  # after a request, wait this long for more (reset by each arrival) ...
+    max_wait_ms: float = 4.0  # ... but at most this long after the first one
+    max_batch_tokens: int = 8192  # language-model rows per batched forward (one segment always goes, however long)
+    max_batch_segments: int = 128  # segments per batched forward
+    max_vision_patches: int = 65_536  # vision patches per batched vision forward (one request always goes)
+
+    def __post_init__(self) -> None:
+        for name in ("tokens", "page", "max_batch_tokens", "max_batch_segments", "max_vision_patches"):
+            value = getattr(self, name)
+            if not _is_int(value):
+                raise TypeError(f"PoolConfig.{name} must be an int, got {value!r}")
+            if value < 1:
+                raise ValueError(f"PoolConfig.{name} must be >= 1, got {value}")
+        if self.page < 16 or self.page & (self.page - 1):
+            raise ValueError(f"PoolConfig.page must be a power of two >= 16, got {self.page}")
+        if self.tokens < self.page:
+            raise ValueError(f"PoolConfig.tokens={self.tokens} must hold at least one page of {self.page}")
+        for name in ("batch_window_ms", "max_wait_ms"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise ValueError(f"PoolConfig.{name} must be a finite number >= 0, got {value!r}")
+
+    @property
+    def pages(self) -> int:
+        return self.tokens // self.page
+
+
 def resolve_config(config: Optional[StreamConfig], **overrides) -> StreamConfig:
     """``config`` (or the defaults) with keyword overrides such as ``fast=False`` applied and validated."""
     if config is not None and not isinstance(config, StreamConfig):

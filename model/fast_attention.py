@@ -4,7 +4,8 @@ The model's attention implementation is set once, when a ``StreamQwenModel`` is 
 ``sdpa`` (``install``), to two dispatchers; after that nothing mutates ``model.config``. Each
 call decides by what the stream hands it, so streams with different settings share one model:
 
-- ``stream_text`` (text model): a ``masks.StreamMask`` (fast streams) runs our kernels: on a
+- ``stream_text`` (text model): a ``paged_attention.PagedMask`` (a batched forward of pooled streams)
+  runs each segment over its own stream's pages; a ``masks.StreamMask`` (fast streams) runs our kernels: on a
   GPU the live-length Triton kernel (``triton_attention.py``) for every causal segment; else for few
   query rows (decode, questions) two matmuls over the cache with the query heads of each K/V
   head folded into rows (K/V read once, never copied); for long appends SDPA with a
@@ -28,7 +29,7 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from . import compat, triton_attention
+from . import compat, paged_attention, triton_attention
 from .masks import StreamMask, causal_mask
 
 TEXT_IMPL = "stream_text"
@@ -91,6 +92,9 @@ def _stream_kernels(query, key, value, spec: StreamMask, scaling):
 
 def text_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """query (B, Hq, n, D), key/value (B, Hkv, L, D) -> ((B, n, Hq, D), None)."""
+    if isinstance(attention_mask, paged_attention.PagedMask):  # a batched forward over a KV pool (scheduler.py)
+        scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
+        return paged_attention.attention(module, query, key, value, attention_mask, scaling), None
     if isinstance(attention_mask, StreamMask):
         if attention_mask.on_query is not None:
             attention_mask.on_query(module.layer_idx, query)

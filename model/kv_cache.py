@@ -63,6 +63,10 @@ class StreamKVCache:
         k, v = self.buffers[i]
         return k[:, :, :length], v[:, :, :length]
 
+    def slot_index(self, slots: torch.Tensor) -> torch.Tensor:
+        """(n,) int64 CPU slots -> where they are in the buffers, on the device (here: the same numbers)."""
+        return slots.to(self.device)
+
     def view(self, start: int) -> "CacheView":
         return CacheView(self.buffers, start)
 

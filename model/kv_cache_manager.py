@@ -120,6 +120,11 @@ class KVCacheManager:
     def bounded(self) -> bool:
         return self.budget is not None
 
+    @property
+    def slotted(self) -> bool:
+        """Whether tokens sit in slots recorded by a ``SlotLayout`` (bounded streams, and every pooled stream)."""
+        return self.budget is not None
+
     def _taken(self, txn: Transaction) -> torch.Tensor:
         """(capacity,) bool CPU: slots holding tokens of the working head, the committed one or a snapshot."""
         cap = self.cache.capacity
@@ -141,7 +146,7 @@ class KVCacheManager:
         self.check_call(txn, n)
         slots = self.allocate(txn, n)
         end = max(txn.state.layout.top, int(slots.max()) + 1) if trim else None
-        return CacheView(self.cache.buffers, txn.length, slots.to(self.cache.device), end), slots
+        return CacheView(self.cache.buffers, txn.length, self.cache.slot_index(slots), end), slots
 
     def check_call(self, txn: Transaction, n: int) -> None:
         """A committing call may add at most the token budget (so a bounded cache never holds more than twice it);
@@ -167,7 +172,7 @@ class KVCacheManager:
         """Load stored (evicted) grids ``spans`` from the recall store into free slots of ``txn``: visible to the
         rest of this transaction only (the next ``settle`` drops them again)."""
         slots = self.allocate(txn, sum(s.n for s in spans))  # (n,) CPU
-        self.recall.load(self.cache, spans, slots.to(self.cache.device))
+        self.recall.load(self.cache, spans, self.cache.slot_index(slots))
         parts = slots.split([s.n for s in spans])
         txn.update(layout=txn.state.layout.recall([s.moved(part, recalled=True) for s, part in zip(spans, parts)]))
 
@@ -184,12 +189,12 @@ class KVCacheManager:
 
     def reserve(self, tokens: int) -> None:
         """Room for ``tokens`` cached tokens in all (a bounded stream keeps its whole buffers when growing)."""
-        self.cache.reserve(tokens, keep=self.cache.capacity if self.bounded else self.get_seq_length())
+        self.cache.reserve(tokens, keep=self.cache.capacity if self.slotted else self.get_seq_length())
 
     def kept(self, state: Any = None) -> int:
         """Tokens in the cache of ``state`` (default: the head): its length, or its kept tokens when bounded."""
         state = state if state is not None else self._state
-        return state.layout.kept if self.bounded else state.last_cache_position
+        return state.layout.kept if self.slotted else state.last_cache_position
 
     def commit(self, txn: Transaction, result: Any = None, then: Callable[[], None] = _nothing) -> Any:
         """Publish the transaction's head in one assignment, call ``then`` (e.g. a C lock release), return ``result``.
@@ -206,8 +211,8 @@ class KVCacheManager:
 
     def rollback(self, length: int) -> None:
         """Truncate the cache to its first ``length`` tokens (the rest of the head unchanged)."""
-        if self.bounded:
-            raise ValueError("rollback(length) truncates a contiguous cache; a bounded stream (cache budget) "
+        if self.slotted:
+            raise ValueError("rollback(length) truncates a contiguous cache; a bounded or pooled stream "
                              "keeps scattered slots: use snapshot()/restore() instead")
         if not 0 <= length <= self.get_seq_length():
             raise ValueError(f"rollback({length}) outside [0, {self.get_seq_length()}]")
@@ -264,10 +269,10 @@ class KVCacheManager:
 
     def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(1, H_kv, kept, D) layer i's live keys and values (views; copies in transcript order when bounded)."""
-        if not self.bounded:
+        if not self.slotted:
             return self.cache.layer(i, self.get_seq_length())
         k, v = self.cache.buffers[i]
-        index = self._state.layout.slot_list.to(self.cache.device)
+        index = self.cache.slot_index(self._state.layout.slot_list)
         return k.index_select(2, index), v.index_select(2, index)
 
     def nbytes(self) -> int:

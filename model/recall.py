@@ -129,7 +129,7 @@ class RecallStore:
             self.summaries = {g: t for g, t in self.summaries.items() if g in live}
         out, taken = [], None
         for span in evicted:
-            index = span.slots.to(cache.device)
+            index = cache.slot_index(span.slots)
             k = torch.stack([kb.index_select(2, index)[0] for kb, _ in cache.buffers])  # (L, H_kv, n, D)
             v = torch.stack([vb.index_select(2, index)[0] for _, vb in cache.buffers])
             rows = torch.stack([k, v]).permute(3, 0, 1, 2, 4).contiguous()  # (n, 2, L, H_kv, D)

@@ -18,26 +18,37 @@ from .cuda_graphs import GraphRunner, VisionGraphs
 from .families import VisionOut
 from .fast_attention import live_length_kernel
 from .frames import patchify
+from .batch_forward import LMWork, VisionWork
 from .kv_cache_manager import KVCacheManager, Transaction
+from .kv_pool import PooledKVCacheManager
+from .paged_attention import segment as paged_segment
 from .masks import Masks
 from .recall import QueryProbe
 from .transcript import Segment, Text, Vision, positions as piece_positions
 
 
 class SegmentWriter:
-    """The cache, graphs and segment forwards of one stream over a shared ``StreamQwenModel``."""
+    """The cache, graphs and segment forwards of one stream over a shared ``StreamQwenModel``.
 
-    def __init__(self, model, config: StreamConfig, initial_state):
-        self.model, self.config = model, config
-        self.kv = KVCacheManager(*model.kv_shape(), dtype=model.dtype, device=model.device,
-                                 initial_state=initial_state, grow_min=config.grow_min,
-                                 initial_capacity=config.initial_capacity, budget=config.budget())
+    ``pool``: a ``kv_pool.KVPool``: the stream's tokens go to pages of the pool, and every forward (vision
+    and language model) runs on the pool's scheduler, batched with other streams' (``_pooled_forward``).
+    """
+
+    def __init__(self, model, config: StreamConfig, initial_state, pool=None):
+        self.model, self.config, self.pool = model, config, pool
+        if pool is not None:
+            self.kv = PooledKVCacheManager(pool, initial_state=initial_state, budget=config.budget())
+        else:
+            self.kv = KVCacheManager(*model.kv_shape(), dtype=model.dtype, device=model.device,
+                                     initial_state=initial_state, grow_min=config.grow_min,
+                                     initial_capacity=config.initial_capacity, budget=config.budget())
         self.fast = config.fast and model.stream_kernels
         live = live_length_kernel(config.attention_kernel, self.fast, model.device)  # the Triton kernel
         self.masks = Masks(self.fast, live, config.fold_max_rows, config.rows_max_scores, model.dtype, model.device)
         self.varlen = self.fast and model.family.varlen_supported()
         cuda = model.device.type == "cuda"
-        graphs = self.fast and (cuda or config.emulate_graphs)  # emulated: each replay re-runs its step eagerly
+        # emulated: each replay re-runs its step eagerly; pooled streams run on the pool's scheduler instead
+        graphs = self.fast and (cuda or config.emulate_graphs) and pool is None
         # the probe builder must not refer back to this writer: streams hold no reference cycles (close/del free them)
         self.query_probe = partial(QueryProbe.for_model, model, config.recall_probe_layers)
         self.runner = (GraphRunner(model, self.kv, config, capture=cuda, masks=self.masks, probe=self.query_probe)
@@ -57,6 +68,8 @@ class SegmentWriter:
     def encode(self, frames: torch.Tensor, pixels) -> tuple[VisionOut, tuple[int, int, int]]:
         """(2k, 3, H, W) resized frames -> (their ``VisionOut``, grid (k, h, w) in patches)."""
         patches, grid = patchify(frames, pixels)
+        if self.pool is not None:  # batched with other streams' grids
+            return self.pool.scheduler.submit(VisionWork(patches, grid, self.varlen), self.kv), grid
         out = self.vision_graphs(patches, grid) if self.vision_graphs is not None else None
         return (out if out is not None else self.model.encode_vision(patches, grid, varlen=self.varlen)), grid
 
@@ -121,6 +134,9 @@ class SegmentWriter:
         kind "ids": (n,) token ids; "embeds": (1, n, D) with ``deepstack`` (k, 1, n, D) or None;
         "probe": (n,) token ids through the first ``recall_probe_layers`` layers only. positions (3, n).
         """
+        if self.pool is not None:
+            return self._pooled_forward(txn, kind, inputs, positions, logits, tree, deepstack, units, seconds,
+                                        next_position)
         n = inputs.shape[1] if kind == "embeds" else inputs.shape[0]
         slots, out, probe = None, None, None
         graph_fits = logits != "all" and (kind != "embeds" or logits == "none") and tree is None
@@ -155,5 +171,22 @@ class SegmentWriter:
                 out = probe.out
             else:
                 out = self.model.forward_segment(view, embeds, positions, mask, logits=logits, deepstack=deepstack)
+        txn.wrote(n, slots=slots, units=units, seconds=seconds, next_position=next_position)
+        return out if logits != "none" or kind == "probe" else None
+
+    def _pooled_forward(self, txn: Transaction, kind: str, inputs: torch.Tensor, positions: torch.Tensor, logits: str,
+                        tree: Optional[list[int]], deepstack: Optional[torch.Tensor], units: tuple[int, ...],
+                        seconds: float, next_position: int) -> Optional[torch.Tensor]:
+        """``_forward`` of a pooled stream: slots from the transaction (pages of the pool), the forward run by the
+        pool's scheduler in a batch with other streams' segments, each row seeing only this stream's slots."""
+        n = inputs.shape[1] if kind == "embeds" else inputs.shape[0]
+        if self.kv.bounded:
+            self.kv.check_call(txn, n)
+        slots = self.kv.allocate(txn, n)  # (n,) CPU local slots
+        probe = self.query_probe(n, n) if kind == "probe" else None
+        segment = paged_segment(self.kv.cache, txn.state.layout, slots, tree, probe, self.masks)
+        work = LMWork(kind, inputs, positions, self.kv.cache.slot_index(slots), segment,
+                      logits if kind != "probe" else "none", deepstack, probe)
+        out = self.pool.scheduler.submit(work, self.kv)
         txn.wrote(n, slots=slots, units=units, seconds=seconds, next_position=next_position)
         return out if logits != "none" or kind == "probe" else None

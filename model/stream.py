@@ -57,11 +57,11 @@ class StreamState:
 class Stream:
     """What each call appends to one stream over a shared ``StreamQwenModel``, in its family's layout."""
 
-    def __init__(self, model, tokenizer, pieces, video_pixels, image_pixels, config: StreamConfig):
+    def __init__(self, model, tokenizer, pieces, video_pixels, image_pixels, config: StreamConfig, pool=None):
         self.model, self.tokenizer, self.pieces, self.config = model, tokenizer, pieces, config
         self.video_pixels, self.image_pixels = video_pixels, image_pixels
         self.grammar = Grammar(model.family, pieces, tokenizer, model.config.vision_config)
-        self.writer = SegmentWriter(model, config, StreamState())
+        self.writer = SegmentWriter(model, config, StreamState(), pool)
         self.kv = self.writer.kv
 
     def reset(self, keep_memory: bool = False) -> None:
@@ -245,16 +245,18 @@ class Stream:
         return {
             "family": self.model.family.name,
             "cache_tokens": kept, "cache_bytes": self.kv.cache.nbytes(kept),
-            **budget_stats(st.layout, self.config, st.last_cache_position, st.video_seconds,
-                           self.kv.recall.nbytes() if self.kv.recall is not None else 0),
+            **budget_stats(st.layout if self.kv.bounded else None, self.config, st.last_cache_position,
+                           st.video_seconds, self.kv.recall.nbytes() if self.kv.recall is not None else 0),
             "cache_reserved_bytes": self.kv.reserved_bytes(), "frames_seen": st.frames_seen,
             "pending_frames": int(st.pending_frame is not None), "video_seconds": st.video_seconds,
             "chunks": st.chunks, "turns": st.turns, "next_position": st.next_position,
             "rope_deltas": st.rope_deltas, "frame_size": st.frame_size, "fps": st.fps,
             "device": str(self.model.device), "dtype": str(self.model.dtype).replace("torch.", ""),
             **backends(self.model.config, w.fast, w.masks.live, w.varlen), "fast": self.config.fast,
-            "cache": "slots+budget" if self.kv.bounded else "preallocated+length-counter",
+            "cache": ("pool pages" + ("+budget" if self.kv.bounded else "") if w.pool is not None else
+                      "slots+budget" if self.kv.bounded else "preallocated+length-counter"),
             "cache_allocations": self.kv.cache.allocations,
+            **(pool_stats(w.pool, self.kv.cache) if w.pool is not None else {}),
             "cuda_graphs": w.runner.status() if w.runner is not None else "off",
             "vision_graphs": w.vision_graphs.status() if w.vision_graphs is not None else "off",
         }
@@ -265,3 +267,8 @@ def _timestamp_lengths(frames: int, fps: float) -> list[float]:
     chunks that straddle each power of ten (pairs of two lengths): one of each chunk length Qwen3-VL writes."""
     span = frames / fps
     return [max(0.0, 10.0 ** d - back * span) for d in range(1, 6) for back in (1.0, 0.5)]
+
+
+def pool_stats(pool, cache) -> dict:
+    """A pooled stream's pages, and its pool's size, use and batching (``KVPool.stats``)."""
+    return {"pool_pages_owned": cache.owned, **pool.stats()}

@@ -136,6 +136,144 @@ if triton is not None:
                  mask=row_ok[:, None])
 
 
+if triton is not None:
+
+    @triton.jit
+    def _paged_split_kernel(Q, K, V, BlockSeg, BlockM, SegRow, SegN, SegLen, Table, Rank, Branch, Acc, Lse,
+                            sqh, sqt, sqd, skh, skt, skd, svh, svt, svd, stab, srank,
+                            G, MT, scale, SPLITS, BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr,
+                            FP32: tl.constexpr, TREE: tl.constexpr):
+        # one program: a row block of one segment, one K/V head, one key range; the segment's keys are its
+        # stream's local slots [0, SegLen), local page p at pool page Table[seg, p] (BN = the page size)
+        b, h, s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        seg = tl.load(BlockSeg + b)
+        mb = tl.load(BlockM + b)
+        row0 = tl.load(SegRow + seg)
+        n = tl.load(SegN + seg)
+        kv_len = tl.load(SegLen + seg)
+        rows = mb * BM + tl.arange(0, BM)  # folded rows of the segment: (head in group, token)
+        row_ok = rows < G * n
+        qh = h * G + rows // n
+        t = rows % n
+        d = tl.arange(0, D)
+        q = tl.load(Q + qh[:, None].to(tl.int64) * sqh + (row0 + t)[:, None].to(tl.int64) * sqt + d[None, :] * sqd,
+                    mask=row_ok[:, None], other=0.0)
+        if TREE:
+            first = tl.load(Branch + row0 + t, mask=row_ok, other=0)
+        per = tl.cdiv(tl.cdiv(kv_len, BN), SPLITS) * BN
+        lo = s * per
+        hi = tl.minimum(lo + per, kv_len)
+        m_i = tl.full([BM], float("-inf"), tl.float32)
+        l_i = tl.zeros([BM], tl.float32)
+        acc = tl.zeros([BM, D], tl.float32)
+        for j0 in range(lo, hi, BN):
+            j = j0 + tl.arange(0, BN)
+            key_ok = j < hi
+            rk = tl.load(Rank + seg * srank + j, mask=key_ok, other=-1)  # 0 kept, k >= 1 the k-th new token, -1 none
+            used = key_ok & (rk >= 0)
+            page = tl.load(Table + seg * stab + j0 // BN).to(tl.int64)
+            slot = page * BN + tl.arange(0, BN)
+            k = tl.load(K + h.to(tl.int64) * skh + slot[:, None] * skt + d[None, :] * skd, mask=used[:, None],
+                        other=0.0)
+            if FP32:
+                sc = tl.dot(q, tl.trans(k), input_precision="ieee")
+            else:
+                sc = tl.dot(q, tl.trans(k))
+            sc = sc * scale
+            new = rk[None, :] - 1  # index of a new key in the segment
+            visible = used[None, :] & ((rk[None, :] == 0) | ((rk[None, :] >= 1) & (new <= t[:, None])))
+            if TREE:
+                visible = visible & ((rk[None, :] == 0) | (new >= first[:, None]))
+            sc = tl.where(visible, sc, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(sc, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.exp(sc - m_safe[:, None])
+            alpha = tl.exp(m_i - m_safe)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(V + h.to(tl.int64) * svh + slot[:, None] * svt + d[None, :] * svd, mask=used[:, None],
+                        other=0.0)
+            if FP32:
+                acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
+            else:
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m_i = m_new
+        seen = l_i > 0
+        out = acc / tl.where(seen, l_i, 1.0)[:, None]
+        lse = tl.where(seen, m_i + tl.log(tl.where(seen, l_i, 1.0)), float("-inf"))
+        base = (s * tl.num_programs(1) + h).to(tl.int64) * MT + G * row0 + rows
+        tl.store(Acc + base[:, None] * D + d[None, :], out, mask=row_ok[:, None])
+        tl.store(Lse + base, lse, mask=row_ok)
+
+    @triton.jit
+    def _paged_merge_kernel(Acc, Lse, Out, BlockSeg, BlockM, SegRow, SegN, sot, soh, sod, G, MT, HKV,
+                            SPLITS, BM: tl.constexpr, D: tl.constexpr):
+        b, h = tl.program_id(0), tl.program_id(1)
+        seg = tl.load(BlockSeg + b)
+        mb = tl.load(BlockM + b)
+        row0 = tl.load(SegRow + seg)
+        n = tl.load(SegN + seg)
+        rows = mb * BM + tl.arange(0, BM)
+        row_ok = rows < G * n
+        d = tl.arange(0, D)
+        top = tl.full([BM], float("-inf"), tl.float32)
+        for s in range(SPLITS):
+            base = (s * HKV + h).to(tl.int64) * MT + G * row0 + rows
+            top = tl.maximum(top, tl.load(Lse + base, mask=row_ok, other=float("-inf")))
+        total = tl.zeros([BM], tl.float32)
+        acc = tl.zeros([BM, D], tl.float32)
+        for s in range(SPLITS):
+            base = (s * HKV + h).to(tl.int64) * MT + G * row0 + rows
+            w = tl.exp(tl.load(Lse + base, mask=row_ok, other=float("-inf")) - top)
+            total += w
+            acc += w[:, None] * tl.load(Acc + base[:, None] * D + d[None, :], mask=row_ok[:, None], other=0.0)
+        out = acc / total[:, None]
+        qh = h * G + rows // n
+        t = row0 + rows % n
+        tl.store(Out + t[:, None].to(tl.int64) * sot + qh[:, None] * soh + d[None, :] * sod,
+                 out.to(Out.dtype.element_ty), mask=row_ok[:, None])
+
+
+def paged_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, tables: dict, scale: float,
+                    page: int, out: torch.Tensor, splits: Optional[int] = None) -> None:
+    """Attention of several segments' rows, each over its own stream's pages of a shared pool, in one launch.
+
+    query (1, Hq, N, D): every segment's rows; key/value (1, Hkv, pool, D): the pool's buffers; ``tables``
+    (``PagedMask.tables``): per segment its first row ``rows``, rows ``n``, local slots to scan ``length``, its
+    block table ``table`` (S, pages) int32 (local page -> pool page) and ``rank`` (S, pages * page) int32 over its
+    local slots (0 kept, k >= 1 its k-th new token, -1 nothing); ``branch`` (N,) int32 choice-branch starts or
+    None. ``page`` must be the key block (keys of one step lie in one page). Writes the segments' rows of
+    ``out`` (1, N, Hq, D).
+    """
+    _, hq, total, d = query.shape
+    hkv = key.shape[1]
+    g = hq // hkv
+    assert d & (d - 1) == 0 and d >= 16, f"head dim {d} must be a power of two >= 16"
+    counts = tables["n_list"]  # host copies: no sync
+    bm = launch_config(g * max(counts))[0]
+    if "blocks" not in tables:  # (segment, row block) of each program; the same in every layer
+        per_seg = [-(-g * n // bm) for n in counts]
+        seg_of = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(per_seg))
+        block_m = torch.cat([torch.arange(k) for k in per_seg])
+        tables["blocks"] = (seg_of.to(torch.int32).to(query.device), block_m.to(torch.int32).to(query.device))
+    seg_of, block_m = tables["blocks"]
+    blocks = seg_of.numel()
+    splits = splits or splits_for(g * sum(counts), hkv, tables["max_length"], query.device, bm)
+    mt = g * total
+    acc = torch.empty(splits, hkv, mt, d, dtype=torch.float32, device=query.device)
+    lse = torch.full((splits, hkv, mt), float("-inf"), dtype=torch.float32, device=query.device)
+    q, k, v = query[0], key[0], value[0]
+    table, rank = tables["table"], tables["rank"]
+    branch = tables["branch"]
+    _paged_split_kernel[(blocks, hkv, splits)](
+        q, k, v, seg_of, block_m, tables["rows"], tables["n"], tables["length"], table, rank,
+        branch if branch is not None else tables["rows"], acc, lse,
+        *q.stride(), *k.stride(), *v.stride(), table.stride(0), rank.stride(0), g, mt, scale,
+        SPLITS=splits, BM=bm, BN=page, D=d, FP32=query.dtype == torch.float32, TREE=branch is not None)
+    _paged_merge_kernel[(blocks, hkv)](acc, lse, out, seg_of, block_m, tables["rows"], tables["n"],
+                                       out.stride(1), out.stride(2), out.stride(3), g, mt, hkv,
+                                       SPLITS=splits, BM=bm, D=d)
+
+
 def splits_for(rows: int, kv_heads: int, keys: int, device: torch.device, block_m: Optional[int] = None) -> int:
     """Key ranges per (row block, K/V head): enough programs to fill the GPU."""
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4

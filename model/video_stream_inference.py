@@ -13,10 +13,13 @@ serialised by its lock, so an appending thread and an asking thread see some seq
 """
 from __future__ import annotations
 
+import asyncio
 import gc
 import os
 import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from typing import Any, Optional, Sequence
 
 import torch
@@ -30,6 +33,7 @@ from .decoding import Answer, ChoiceResult, make_sampler
 from .recall import recalled
 from .slot_layout import check_budget
 from .frames import to_frame_list
+from .kv_pool import KVPool
 from .loading import load_checkpoint
 from .prompt import encode, extract_vision_segment, prompt_pieces, token_ids
 from .scoring import TREE_ATTENTION
@@ -46,13 +50,15 @@ class VideoStreamInference(Transactional):
     """
 
     def __init__(self, model: StreamQwenModel, processor: Any, fast: Optional[bool] = None,
-                 config: Optional[StreamConfig] = None):
+                 config: Optional[StreamConfig] = None, pool: Optional[KVPool] = None):
         """A new, empty stream over ``model``.
 
         model: a ``StreamQwenModel`` (shared by any number of engines; never modified).
         processor: its ``AutoProcessor`` (tokenizer, chat template, image and video processors).
         fast: True/False turns the fast path (stream kernels, CUDA graphs) on or off; None keeps
         ``config``'s (default on). config: a ``StreamConfig`` with every other setting.
+        pool: a ``KVPool`` of ``model``: the stream keeps its K/V in pages of the pool and its forwards
+        run on the pool's scheduler, batched with the other pooled streams' (README "Many streams").
         """
         if not isinstance(model, StreamQwenModel):
             raise TypeError(
@@ -72,9 +78,13 @@ class VideoStreamInference(Transactional):
         self.stop_ids = set(ids) | set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         self.max_positions = compat.text_config(model.config).max_position_embeddings
         self._check_budget()
-        self._stream = Stream(model, self.tokenizer, self.pieces, self.video_pixels, self.image_pixels, self.config)
+        self._check_pool(pool)
+        self.pool = pool
+        self._stream = Stream(model, self.tokenizer, self.pieces, self.video_pixels, self.image_pixels, self.config,
+                              pool)
         Transactional.__init__(self)
         self._warned_fps = False
+        self._worker: Optional[ThreadPoolExecutor] = None  # the thread of the *_async calls (made on first use)
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, device: Optional[str] = None, dtype=None,
@@ -207,6 +217,33 @@ class VideoStreamInference(Transactional):
         if not self._closed:
             self._transaction(self._close)
 
+    # ------------------------------------------------------------------ asyncio
+    async def append_frames_async(self, frames: Any, fps: Optional[float] = None,
+                                  timestamps: Optional[Sequence[float]] = None) -> ChunkInfo:
+        """``append_frames`` for asyncio: awaits the call, run in this engine's own worker thread (so the calls of
+        many engines over one ``KVPool`` are batched together by its scheduler)."""
+        return await self._run_async(self.append_frames, frames, fps, timestamps)
+
+    async def append_image_async(self, image: Any) -> ChunkInfo:
+        """``append_image`` for asyncio (see ``append_frames_async``)."""
+        return await self._run_async(self.append_image, image)
+
+    async def ask_async(self, question: str, update_state: bool = False, max_new_tokens: int = 128,
+                        **generation) -> Answer:
+        """``ask`` for asyncio (see ``append_frames_async``)."""
+        return await self._run_async(self.ask, question, update_state, max_new_tokens, **generation)
+
+    async def ask_choice_async(self, question: str, choices: Sequence[str]) -> ChoiceResult:
+        """``ask_choice`` for asyncio (see ``append_frames_async``)."""
+        return await self._run_async(self.ask_choice, question, choices)
+
+    async def _run_async(self, call, *args, **kwargs):
+        """Run a blocking call in the engine's worker thread. Cancelling the awaiting task does not stop a call
+        that has started (it completes or fails as a whole, as a transaction)."""
+        if self._worker is None:
+            self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
+        return await asyncio.get_running_loop().run_in_executor(self._worker, partial(call, *args, **kwargs))
+
     def __enter__(self) -> "VideoStreamInference":
         return self
 
@@ -322,6 +359,17 @@ class VideoStreamInference(Transactional):
         pix = self.video_pixels
         check_budget(budget, self.config.sink_frames, max(1, pix.min_pixels // pix.factor**2),
                      len(encode(self.tokenizer, self.pieces.first_turn_header)) + 2)  # + vision start/end
+
+    def _check_pool(self, pool) -> None:
+        """A pool must be a ``KVPool`` of this model, and pooled streams run the stream kernels."""
+        if pool is None:
+            return
+        if not isinstance(pool, KVPool):
+            raise TypeError(f"pool must be a KVPool (KVPool.for_model(model, tokens=...)), got {type(pool).__name__}")
+        if pool.model is not self.model:
+            raise ValueError("pool belongs to another model: build one with KVPool.for_model(model) for this model")
+        if not self.config.fast:
+            raise ValueError("a pooled stream runs the stream kernels: StreamConfig(fast=False) cannot take a pool")
 
     def _default_fps(self) -> float:
         if not self._warned_fps:

@@ -1,0 +1,232 @@
+"""A KV pool shared by many streams (``model/kv_pool.py``): pages, their lifetime, and exactness of one pooled stream.
+
+- A pooled stream (unbounded, bounded by tokens or a window, with recall) gives the same logits,
+  tokens and choice scores as the same stream on its own engine (fp32, 1e-4) and keeps the same
+  tokens (K/V, transcript ranges, eviction counters);
+- pages: a stream owns what its reachable heads use; pages go back to the pool on reset, close,
+  dropping the engine (no garbage-collector pass) and after eviction; the pool's memory is
+  allocated once, when it is built;
+- a full pool is a clear error that commits nothing; bad pool arguments are refused.
+"""
+from __future__ import annotations
+
+import gc
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from model import KVPool, PoolConfig, StreamConfig, VideoStreamInference
+from model.testing import synthetic_frames
+from tests.conftest import signature
+
+TOL = 1e-4
+FRAMES = synthetic_frames(40, 56, 84, seed=21)  # 6 tokens per 2-frame grid
+IMAGE = np.asarray(synthetic_frames(1, 84, 56, seed=22)[0])
+CONFIGS = {
+    "unbounded": dict(),
+    "budget": dict(cache_budget_tokens=110),
+    "window": dict(video_window_seconds=2.0, sink_frames=0),
+    "budget-recall": dict(cache_budget_tokens=120, recall_grids=2, recall_host_tokens=40),
+}
+
+
+def script(seed: int) -> list[tuple]:
+    """A random stream: appends of 1..5 frames, questions, choices, committed turns, an image."""
+    rng, ops, seen = random.Random(seed), [], 0
+    fps = rng.choice([1, 2, 4])
+    while seen < 30:
+        n = rng.randint(1, 5)
+        ops.append(("append", seen, n, fps))
+        seen += n
+        r = rng.random()
+        if r < 0.3:
+            ops.append(("ask", f"What is at {seen}?", rng.randint(1, 3)))
+        elif r < 0.45:
+            ops.append(("choice", "Which?", ["red", "a blue square", "x"][: rng.randint(1, 3)]))
+        elif r < 0.55:
+            ops.append(("turn", "Describe.", 2))
+        elif r < 0.6:
+            ops.append(("image",))
+    return ops
+
+
+def run(engine: VideoStreamInference, op: tuple, frames=FRAMES):
+    """One operation -> what it returned (a refusal by the budget is a result too: both sides must refuse)."""
+    kind = op[0]
+    try:
+        if kind == "append":
+            info = engine.append_frames(frames[op[1]:op[1] + op[2]], fps=op[3])
+            return info.cache_len, info.frames_encoded
+        if kind == "image":
+            return engine.append_image(IMAGE).cache_len
+        if kind == "ask":
+            a = engine.ask(op[1], max_new_tokens=op[2])
+            return a.token_ids, a.first_logits, [(r.seq, r.tokens) for r in a.recalled]
+        if kind == "turn":
+            return engine.ask(op[1], update_state=True, max_new_tokens=op[2]).token_ids
+        return engine.ask_choice(op[1], op[2]).scores
+    except ValueError as e:
+        assert "after evicting all the video it may evict" in str(e), e
+        return ("refused",)
+
+
+def close(a, b) -> bool:
+    """Equal, with tensors and floats to ``TOL``."""
+    if isinstance(a, (tuple, list)):
+        return type(a) is type(b) and len(a) == len(b) and all(close(x, y) for x, y in zip(a, b))
+    if isinstance(a, torch.Tensor):
+        return a.shape == b.shape and float((a - b).abs().max()) <= TOL
+    if isinstance(a, float):
+        return abs(a - b) <= TOL
+    return a == b
+
+
+def same_stream(pooled: VideoStreamInference, alone: VideoStreamInference) -> None:
+    """The same kept tokens: K/V in transcript order (to TOL), every state field, the same kept ranges."""
+    a, b = signature(pooled), signature(alone)
+    assert a["length"] == b["length"] and a["snapshots"] == b["snapshots"]
+    assert all(close(x, y) for x, y in zip(a["kv"], b["kv"])), "kept K/V differ"
+    for name, va in a["state"].items():
+        vb = b["state"][name]
+        if name == "layout":  # slots may differ (pages); what is kept and what was evicted may not
+            if vb is None:
+                assert [s.grid for s in va.spans if s.grid >= 0] == list(range(va.grids)) and va.evicted_grids == 0
+                continue
+            for f in ("grids", "evicted_grids", "evicted_tokens", "kept"):
+                assert getattr(va, f) == getattr(vb, f), (f, getattr(va, f), getattr(vb, f))
+            assert va.kept_ranges() == vb.kept_ranges() and [s.grid for s in va.stored] == [s.grid for s in vb.stored]
+        elif isinstance(va, torch.Tensor):
+            assert torch.equal(va, vb), name
+        else:
+            assert va == vb, (name, va, vb)
+
+
+def owned(engine) -> int:
+    return engine.stats()["pool_pages_owned"]
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_a_pooled_stream_equals_the_same_stream_on_its_own(tiny, config):
+    model, proc = tiny
+    pool = KVPool.for_model(model, tokens=2048, page=16)
+    cfg = StreamConfig(**CONFIGS[config])
+    pooled, alone = VideoStreamInference(model, proc, config=cfg, pool=pool), VideoStreamInference(model, proc, config=cfg)
+    for seed in (1, 2):
+        for op in script(seed):
+            got, want = run(pooled, op), run(alone, op)
+            assert close(got, want), (op, got, want)
+        same_stream(pooled, alone)
+        assert pool.free_pages + owned(pooled) == pool.config.pages
+        pooled.reset(keep_memory=seed == 1)
+        alone.reset()
+        assert owned(pooled) == 0 and pool.free_pages == pool.config.pages
+    if cfg.budget() is not None:
+        assert pooled.stats()["cache"] == "pool pages+budget"
+
+
+def test_pages_go_back_on_reset_close_and_when_the_engine_is_dropped(tiny):
+    model, proc = tiny
+    pool = KVPool.for_model(model, tokens=1024, page=16)
+    engines = [VideoStreamInference(model, proc, pool=pool) for _ in range(3)]
+    for k in range(3):
+        engines[k].append_frames(FRAMES[:9], fps=2)
+        engines[k].ask("Keep?", update_state=True, max_new_tokens=2)
+    counts = [owned(e) for e in engines]
+    assert all(c > 0 for c in counts) and pool.free_pages == pool.config.pages - sum(counts)
+    assert all(c * 16 >= e.stats()["cache_tokens"] > (c - 1) * 16 for c, e in zip(counts, engines))
+    engines[0].reset()
+    assert pool.free_pages == pool.config.pages - sum(counts[1:])
+    engines[1].close()
+    assert pool.free_pages == pool.config.pages - counts[2]
+    gc.disable()
+    try:
+        del engines[2]  # no close(), no collection: reference counting alone returns its pages
+        assert pool.free_pages == pool.config.pages
+    finally:
+        gc.enable()
+    engines[0].append_frames(FRAMES[:4], fps=2)  # a reset engine takes pages again
+    assert owned(engines[0]) > 0
+
+
+def test_pages_freed_by_eviction_and_dropped_questions_go_back_to_the_pool(tiny):
+    model, proc = tiny
+    pool = KVPool.for_model(model, tokens=1024, page=16)
+    engine = VideoStreamInference(model, proc, pool=pool,
+                                  config=StreamConfig(video_window_seconds=1.0, sink_frames=0))
+    engine.append_frames(FRAMES[:20], fps=2)  # 10 s of video in one call: 9 s evicted at its commit
+    peak = owned(engine)  # pages the call wrote (evicted slots are released when the next call begins)
+    engine.ask("What?", max_new_tokens=1)  # the next call: pages no head uses went back first
+    kept = engine.stats()["cache_tokens"]
+    assert owned(engine) < peak and owned(engine) <= -(-kept // 16) + 1, (peak, owned(engine), kept)
+    assert pool.free_pages + owned(engine) == pool.config.pages
+    for i in range(20, 36, 2):  # a long stream under the window: its pages stay few
+        engine.append_frames(FRAMES[i:i + 2], fps=2)
+        engine.ask_choice("Which?", ["a", "b c"])
+        assert owned(engine) <= peak
+    before = owned(engine)
+    engine.ask("A long question " * 20, max_new_tokens=2)  # isolated: its slots are dropped with it
+    engine.append_frames(FRAMES[36:38], fps=2)
+    assert owned(engine) <= before
+
+
+def test_the_pool_never_allocates_after_it_is_built(tiny):
+    model, proc = tiny
+    pool = KVPool.for_model(model, tokens=2048, page=16)
+    buffers = pool.buffers
+    engines = [VideoStreamInference(model, proc, pool=pool, config=StreamConfig(**CONFIGS[c])) for c in CONFIGS]
+    for e in engines:
+        e.warmup((56, 84), chunk_frames=4, fps=2)
+    for i in range(0, 40, 4):
+        for e in engines:
+            e.append_frames(FRAMES[i:i + 4], fps=2)
+            e.ask("What?", max_new_tokens=2)
+    assert pool.buffers is buffers and pool.allocations == 1
+    for e in engines:
+        assert e.kv.cache.buffers is buffers and e.stats()["cache_allocations"] == 0
+        assert e.stats()["cache_reserved_bytes"] == owned(e) * 16 * pool.nbytes_per_token()
+    recall = engines[-1]
+    assert recall.stats()["evicted_grids"] > 0 and recall.kv.recall.allocations == 1
+
+
+def test_a_full_pool_is_a_clear_error_and_commits_nothing(tiny):
+    model, proc = tiny
+    pool = KVPool.for_model(model, tokens=96, page=16)  # 6 pages
+    engine = VideoStreamInference(model, proc, pool=pool)
+    engine.append_frames(FRAMES[:6], fps=2)  # 63 tokens: 4 pages
+    before = signature(engine)
+    with pytest.raises(ValueError, match="the KV pool is full"):
+        engine.append_frames(FRAMES[6:20], fps=2)
+    after = signature(engine)
+    assert after["length"] == before["length"] and after["state"]["layout"] == before["state"]["layout"]
+    other = VideoStreamInference(model, proc, pool=pool)
+    with pytest.raises(ValueError, match="the KV pool is full"):
+        other.append_frames(FRAMES[:20], fps=2)
+    engine.reset()
+    other.append_frames(FRAMES[:6], fps=2)  # the freed pages serve another stream
+    assert other.ask("What?", max_new_tokens=1).token_ids
+
+
+def test_bad_pool_arguments_are_refused(tiny):
+    model, proc = tiny
+    with pytest.raises(TypeError, match="StreamQwenModel"):
+        KVPool("model")
+    with pytest.raises(ValueError, match="power of two"):
+        PoolConfig(page=48)
+    with pytest.raises(ValueError, match="at least one page"):
+        PoolConfig(tokens=8, page=16)
+    with pytest.raises(TypeError, match="tokens must be an int"):
+        PoolConfig(tokens=1.5)
+    with pytest.raises(ValueError, match="batch_window_ms"):
+        PoolConfig(batch_window_ms=-1)
+    pool = KVPool.for_model(model, tokens=256, page=16)
+    with pytest.raises(TypeError, match="pool must be a KVPool"):
+        VideoStreamInference(model, proc, pool="pool")
+    with pytest.raises(ValueError, match="fast=False"):
+        VideoStreamInference(model, proc, fast=False, pool=pool)
+    engine = VideoStreamInference(model, proc, pool=pool)
+    with pytest.raises(ValueError, match="more than the whole KV pool"):
+        engine.reserve(10_000)
+    with pytest.raises(ValueError, match="snapshot"):
+        engine.kv.rollback(0)
