@@ -28,18 +28,24 @@ from model.testing import synthetic_frames  # noqa: E402
 MIB = 2**20
 
 
-def test_admission_refuses_what_does_not_fit_with_a_reason_and_retry_after(tiny):
-    config = ServerConfig(memory_bytes=40 * MIB, session_overhead_bytes=4 * MIB, retry_after_s=7)
+@pytest.mark.parametrize("pooled", [True, False], ids=["pooled", "engine-per-session"])
+def test_admission_refuses_what_does_not_fit_with_a_reason_and_retry_after(tiny, pooled):
+    config = ServerConfig(memory_bytes=40 * MIB, session_overhead_bytes=4 * MIB, retry_after_s=7, pooled=pooled)
     app = build_app(*tiny, config, "tiny")
     registry = app.state.registry
-    need = registry.memory.session_bytes(_settings({"cache_budget_tokens": 30_000}), config.limits, 0)
+    big = 50_000 if pooled else 30_000  # pooled: the session's pages of the pool, no per-session overhead
+    need = registry._need_bytes(_settings({"cache_budget_tokens": big}))
     assert 20 * MIB < need < 40 * MIB  # one fits, two do not
+    if pooled:  # the budget is the pool, allocated when the server starts
+        assert registry.pool.reserved_bytes() == registry.admission.budget_bytes <= 40 * MIB
+        free_pages = registry.pool.free_pages
     with ServerThread(app) as url:
-        first = httpx.post(f"{url}/v1/sessions", json={"cache_budget_tokens": 30_000})
+        first = httpx.post(f"{url}/v1/sessions", json={"cache_budget_tokens": big})
         assert first.status_code == 201
         engine = registry.get(first.json()["id"]).runner.engine
-        assert engine.stats()["cache_reserved_bytes"] <= first.json()["memory_bytes"] - 4 * MIB
-        refused = httpx.post(f"{url}/v1/sessions", json={"cache_budget_tokens": 30_000})
+        overhead = 0 if pooled else 4 * MIB
+        assert engine.stats()["cache_reserved_bytes"] <= first.json()["memory_bytes"] - overhead
+        refused = httpx.post(f"{url}/v1/sessions", json={"cache_budget_tokens": big})
         assert refused.status_code == 503
         err = refused.json()["error"]
         assert err["code"] == "no_capacity" and "needs" in err["message"] and "GiB" in err["message"]
@@ -48,8 +54,45 @@ def test_admission_refuses_what_does_not_fit_with_a_reason_and_retry_after(tiny)
         small = httpx.post(f"{url}/v1/sessions", json={"cache_budget_tokens": 1000})
         assert small.status_code == 201  # a smaller session still fits beside the first
         assert httpx.delete(f"{url}/v1/sessions/{first.json()['id']}").status_code == 200
-        assert httpx.post(f"{url}/v1/sessions", json={"cache_budget_tokens": 30_000}).status_code == 201
+        assert httpx.post(f"{url}/v1/sessions", json={"cache_budget_tokens": big}).status_code == 201
         assert "vsq_admission_refusals_total 1.0" in httpx.get(f"{url}/metrics").text
+    if pooled:  # the server stopped: every session's pages are back in the pool
+        assert registry.pool.free_pages == free_pages
+
+
+def test_a_full_pool_fails_the_call_not_the_session(tiny):
+    """A pooled session that outgrows what admission gave it (an unbounded engine setting cannot be asked for by a
+    client, so this is forced here on a tiny pool): its call fails with the pool's ValueError, commits nothing, and
+    the session, the server and the other sessions go on."""
+    config = ServerConfig(pool_tokens=16_384)
+    app = build_app(*tiny, config, "tiny")
+    registry = app.state.registry
+    assert registry.pool.capacity == 16_384
+    with ServerThread(app) as url:
+        sid = httpx.post(f"{url}/v1/sessions", json={"cache_budget_tokens": 200}).json()["id"]
+        hog_owner = registry.pool.new_owner()
+        hog = registry.pool.take(registry.pool.free_pages, owner=hog_owner)  # everything the session has not taken
+        frames = synthetic_frames(4, 56, 84, seed=5)
+
+        async def run():
+            async with SessionClient(ws_url(url, sid)) as s:
+                await s.send_frames([(k / 2, frames[k]) for k in range(4)])
+                await s.wait_ingested(4)
+                for _ in range(200):  # the error event may trail the status that counts the failed frames
+                    if s.errors:
+                        break
+                    await asyncio.sleep(0.01)
+                registry.pool.give(hog, owner=hog_owner)
+                await s.send_frames([(2 + k / 2, frames[k]) for k in range(4)])
+                status = await s.wait_ingested(8)
+                reply = await s.ask("What now?", None, 2)
+                return list(s.errors), status, reply
+
+        errors, status, reply = asyncio.run(run())
+        assert len(errors) == 1 and errors[0]["code"] == "bad_frame", (errors, {k: status[k] for k in ("frames_failed", "frames_ingested", "frames_dropped")})
+        assert "KV pool is full" in errors[0]["message"], errors
+        assert status["frames_failed"] == 4 and status["frames_ingested"] == 4
+        assert reply.final["type"] == "response.done" and reply.final["seen"]["frames"] == 4
 
 
 def test_max_sessions(tiny):

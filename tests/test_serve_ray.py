@@ -43,7 +43,9 @@ def cluster():
     # the cluster's processes inherit these from this one.
     os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "120")
     os.environ.setdefault("RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S", "60")
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1",
+    # address="local": always a new cluster of our own, even where one is already running on this machine
+    # (a `ray start` left by someone else would otherwise be joined, and num_cpus refused).
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1",
              runtime_env={"env_vars": {"PYTHONPATH": ROOT, "RAY_USAGE_STATS_ENABLED": "0"}})
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

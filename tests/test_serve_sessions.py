@@ -6,10 +6,15 @@
 - 8 sessions streamed and asked concurrently each equal the same stream run alone;
 - deleting a session closes its engine and frees its cache (weak references die, admission
   memory is returned), and its id then answers "ended".
+
+Each test runs on a pooled server (the default: sessions' K/V in one pool, their forwards batched by
+its scheduler; choice scores equal to 1e-4 in fp32, since a batched forward sums in another order)
+and on one with an engine per session (``pooled=False``: scores bit-identical).
 """
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import gc
 import weakref
 
@@ -32,11 +37,18 @@ QUESTION = "What is moving across the screen?"
 CHOICES = ["a red circle", "a green square", "nothing at all"]
 
 
-@pytest.fixture(scope="module")
-def server(tiny):
-    app = build_app(*tiny, CONFIG, "tiny")
+@pytest.fixture(scope="module", params=[True, False], ids=["pooled", "engine-per-session"])
+def server(tiny, request):
+    app = build_app(*tiny, dataclasses.replace(CONFIG, pooled=request.param), "tiny")
     with ServerThread(app) as url:
         yield url, app
+
+
+def same_scores(got: list[float], want: list[float], app) -> bool:
+    """Choice scores of a session equal the engine's alone: exactly with an engine per session, to 1e-4 pooled."""
+    if app.state.registry.pool is None:
+        return got == want
+    return got == pytest.approx(want, rel=1e-5, abs=1e-4)
 
 
 def reference(tiny, settings: dict, chunks: list[list], questions: list[tuple]) -> list:
@@ -91,8 +103,8 @@ def test_create_stream_ask_delete_equals_the_engine(server, tiny):
 
     got = choice.final
     assert got["type"] == "response.choice", got
-    assert got["scores"] == want_choice.scores and got["best"] == want_choice.best
-    assert got["normalized_scores"] == want_choice.normalized_scores and got["choices"] == CHOICES
+    assert same_scores(got["scores"], want_choice.scores, app) and got["best"] == want_choice.best
+    assert same_scores(got["normalized_scores"], want_choice.normalized_scores, app) and got["choices"] == CHOICES
 
     info = httpx.get(f"{url}/v1/sessions/{sid}").json()
     assert info["id"] == sid and info["stats"]["cache_tokens"] == want_stats["cache_tokens"]
@@ -108,7 +120,7 @@ def test_create_stream_ask_delete_equals_the_engine(server, tiny):
 
 
 def test_a_bounded_session_evicts_and_still_equals_the_engine(server, tiny):
-    url, _ = server
+    url, app = server
     frames = synthetic_frames(24, 56, 84, seed=2)
     settings = {"fps": 2.0, "cache_budget_tokens": 60, "sink_frames": 2, "recall_grids": 1}
     questions = [(QUESTION, None, 6), (QUESTION, CHOICES, None)]
@@ -121,12 +133,15 @@ def test_a_bounded_session_evicts_and_still_equals_the_engine(server, tiny):
     assert seen["kept_video_seconds"] == want_stats["kept_video_seconds"]
     assert text.final["token_ids"] == want_text.token_ids
     assert text.final["seen"]["recalled"] == [[g.start_s, g.end_s] for g in want_text.recalled] != []
-    assert choice.final["scores"] == want_choice.scores
+    assert same_scores(choice.final["scores"], want_choice.scores, app)
     assert status["evicted_seconds"] == want_stats["evicted_seconds"]
 
 
 def test_eight_concurrent_sessions_each_equal_themselves_alone(server, tiny):
-    url, _ = server
+    url, app = server
+    pool = app.state.registry.pool
+    if pool is not None:
+        pool.scheduler.reset_stats()
     n = 8
     videos = [synthetic_frames(12, 56, 84, seed=10 + i) for i in range(n)]
     settings = [{"fps": [1.0, 2.0, 4.0][i % 3], "cache_budget_tokens": [4096, 70][i % 2]} for i in range(n)]
@@ -143,8 +158,12 @@ def test_eight_concurrent_sessions_each_equal_themselves_alone(server, tiny):
                                                        questions[i])
         assert status["frames_ingested"] == 12 and status["frames_dropped"] == 0
         assert text.final["token_ids"] == want_text.token_ids, f"session {i}"
-        assert choice.final["scores"] == want_choice.scores, f"session {i}"
+        assert same_scores(choice.final["scores"], want_choice.scores, app), f"session {i}"
         assert text.final["seen"]["cache_tokens"] == want_stats["cache_tokens"], f"session {i}"
+    if pool is not None:  # the sessions' forwards ran through the pool's scheduler, several per batch
+        stats = pool.stats()
+        assert stats["lm_segments"] > stats["lm_batches"] > 0, stats
+        assert httpx.get(f"{url}/metrics").text.count("vsq_pool_lm_segments_total") >= 1
 
 
 def test_deleting_a_session_closes_its_engine_and_frees_its_memory(server):
@@ -152,14 +171,23 @@ def test_deleting_a_session_closes_its_engine_and_frees_its_memory(server):
     registry = app.state.registry
     frames = synthetic_frames(6, 56, 84, seed=3)
     before = registry.admission.reserved_bytes
+    pool = registry.pool
+    free_before = pool.free_pages if pool is not None else None
     sid, _, _ = asyncio.run(stream_session(url, {"fps": 2.0}, frames, 6, [(QUESTION, None, 2)]))
     engine = registry.get(sid).runner.engine
-    buffers = [weakref.ref(t) for kv in engine.kv.cache.buffers for t in kv]
-    assert buffers and all(b() is not None for b in buffers)
     assert registry.admission.reserved_bytes > before
+    if pool is None:  # its own K/V buffers: they die with the session
+        buffers = [weakref.ref(t) for kv in engine.kv.cache.buffers for t in kv]
+        assert buffers and all(b() is not None for b in buffers)
+    else:  # pages of the shared pool: they go back to it
+        owned = engine.stats()["pool_pages_owned"]
+        assert owned > 0 and pool.free_pages == free_before - owned
     assert httpx.delete(f"{url}/v1/sessions/{sid}").status_code == 200
     gc.collect()
-    assert all(b() is None for b in buffers), "a deleted session's K/V buffers are still alive"
+    if pool is None:
+        assert all(b() is None for b in buffers), "a deleted session's K/V buffers are still alive"
+    else:
+        assert pool.free_pages == free_before, "a deleted session's pages did not go back to the pool"
     assert engine.stats()["cache_reserved_bytes"] == 0
     with pytest.raises(ValueError, match="closed"):
         engine.ask("Still there?")

@@ -33,7 +33,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     g = p.add_argument_group("sessions")
     g.add_argument("--memory-gib", type=float, default=None,
-                   help="memory for sessions' caches (default: 90%% of the GPU's free memory after loading, 4 on CPU)")
+                   help="memory for sessions' caches (default: 90%% of the GPU's free memory after loading, 1 on CPU)")
+    g.add_argument("--pool", action=argparse.BooleanOptionalAction, default=True,
+                   help="sessions share one K/V pool, allocated at start, and their forwards run batched on its "
+                        "scheduler (default); --no-pool: each session its own engine, cache and CUDA graphs")
+    g.add_argument("--pool-tokens", type=int, default=None,
+                   help="the pool's K/V slots (default: as many as --memory-gib holds)")
     g.add_argument("--max-sessions", type=int, default=64)
     g.add_argument("--idle-timeout", type=float, default=300.0, help="seconds without a message before a session "
                                                                       "is closed (default 300)")
@@ -71,6 +76,10 @@ def server_config(args) -> ServerConfig:
         raise ValueError(f"--memory-gib must be > 0, got {args.memory_gib}")
     if not args.max_message_mib > 0:
         raise ValueError(f"--max-message-mib must be > 0, got {args.max_message_mib}")
+    if args.pool_tokens is not None and args.pool_tokens < 1:
+        raise ValueError(f"--pool-tokens must be >= 1, got {args.pool_tokens}")
+    if args.pool_tokens is not None and not args.pool:
+        raise ValueError("--pool-tokens sizes the shared pool: it cannot go with --no-pool")
     if args.replicas is not None and args.replicas < 1:
         raise ValueError(f"--replicas must be >= 1, got {args.replicas}")
     limits = Limits(max_message_bytes=int(args.max_message_mib * 2**20), max_frame_pixels=args.max_frame_pixels,
@@ -89,7 +98,7 @@ def server_config(args) -> ServerConfig:
         memory_bytes=None if args.memory_gib is None else int(args.memory_gib * 2**30),
         max_sessions=args.max_sessions, idle_timeout_s=args.idle_timeout, api_key=args.api_key or None,
         session_overhead_bytes=None if args.session_overhead_mib is None else args.session_overhead_mib * 2**20,
-        recall_host_tokens=args.recall_host_tokens, warmup=args.warmup,
+        recall_host_tokens=args.recall_host_tokens, warmup=args.warmup, pooled=args.pool, pool_tokens=args.pool_tokens,
         stream=StreamConfig(max_question_tokens=4 * args.max_question_chars + 64))
 
 

@@ -7,6 +7,12 @@ activations of its calls; on CPU the recall slab (host memory) counts too. The s
 memory budget (``--memory-gib``; on a GPU by default 90% of what is free after loading the
 model). A session that would not fit is refused with a reason and a time to retry, before any
 allocation: never an out-of-memory.
+
+On a pooled server (``ServerConfig.pooled``, the default) the sessions' caches are pages of one
+``KVPool`` allocated when the server starts, as large as the memory budget: a session needs its
+capacity in whole pages of the pool, and the budget is the pool. Activations are the scheduler's,
+one batch at a time for all sessions, so no per-session overhead is counted; what the budget
+leaves of the GPU (10% of its free memory by default) holds them.
 """
 from __future__ import annotations
 
@@ -54,6 +60,11 @@ class MemoryModel:
         chunk = math.ceil(settings.chunk_frames / 2) * self.grid_tokens + 8
         largest_call = max(chunk, question + limits.max_new_tokens, question + self.choice_chunk_tokens)
         return settings.cache_budget_tokens + largest_call + settings.recall_grids * self.grid_tokens
+
+    def pool_tokens(self, settings: SessionSettings, limits: Limits, page: int) -> int:
+        """The most slots of a ``KVPool`` a pooled session holds: its capacity in whole pages of ``page`` slots (a
+        stream takes a new page only when every page it owns is full, so it never owns more)."""
+        return -(-self.capacity_tokens(settings, limits) // page) * page
 
     def session_bytes(self, settings: SessionSettings, limits: Limits, recall_host_tokens: int) -> int:
         cache = self.capacity_tokens(settings, limits) * self.kv_bytes_per_token

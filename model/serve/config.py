@@ -21,7 +21,11 @@ API_KEY = re.compile(r"^[A-Za-z0-9._~-]{8,256}$")  # also valid inside a WebSock
 class ServerConfig:
     limits: Limits = field(default_factory=Limits)
     bounds: SessionBounds = field(default_factory=SessionBounds)
-    memory_bytes: Optional[int] = None  # sessions' memory budget; None: 90% of free GPU memory, or 4 GiB on CPU
+    memory_bytes: Optional[int] = None  # sessions' memory budget; None: 90% of free GPU memory, or 1 GiB on CPU
+    # Sessions share one KVPool (their K/V in its pages) and every forward runs on its scheduler, batched
+    # with the other sessions' (README "Many streams"); False: each session its own engine, cache and CUDA graphs.
+    pooled: bool = True
+    pool_tokens: Optional[int] = None  # the pool's K/V slots; None: as many as the memory budget holds
     max_sessions: int = 64
     idle_timeout_s: float = 300.0  # a session with no message or request for this long is closed
     api_key: Optional[str] = None  # when set, every /v1 request and /metrics needs "Authorization: Bearer KEY"
@@ -52,5 +56,10 @@ class ServerConfig:
         if self.api_key is not None and (not isinstance(self.api_key, str) or not API_KEY.match(self.api_key)):
             raise ValueError("the API key must be 8-256 characters of A-Z a-z 0-9 . _ ~ - (it travels in a "
                              "header and in a WebSocket subprotocol)")
+        if not isinstance(self.pooled, bool):
+            raise TypeError(f"ServerConfig.pooled must be True or False, got {self.pooled!r}")
+        if self.pool_tokens is not None and (isinstance(self.pool_tokens, bool) or not isinstance(self.pool_tokens, int)
+                                             or self.pool_tokens < 1):
+            raise ValueError(f"ServerConfig.pool_tokens must be None or an int >= 1, got {self.pool_tokens!r}")
         if self.warmup is not None and not isinstance(self.warmup, bool):
             raise TypeError(f"ServerConfig.warmup must be None, True or False, got {self.warmup!r}")

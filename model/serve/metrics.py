@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Optional
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
@@ -84,6 +84,19 @@ class _Present:
                                 value=reg.admission.budget_bytes)
         yield GaugeMetricFamily("vsq_memory_reserved_bytes", "Memory held by admitted sessions (estimate)",
                                 value=reg.admission.reserved_bytes)
+        pool = reg.pool
+        if pool is not None:  # the shared K/V pool and the scheduler that batches the sessions' forwards
+            st = pool.stats()
+            yield GaugeMetricFamily("vsq_pool_tokens", "K/V slots of the sessions' shared pool", value=st["pool_tokens"])
+            yield GaugeMetricFamily("vsq_pool_free_tokens", "K/V slots of the pool no session owns",
+                                    value=st["pool_free_pages"] * st["pool_page"])
+            yield GaugeMetricFamily("vsq_scheduler_queue", "Forwards waiting for the scheduler's next batch",
+                                    value=pool.scheduler.pending())
+            for name, key, help_ in (("lm_batches", "lm_batches", "Batched language-model forwards run"),
+                                     ("lm_segments", "lm_segments", "Sessions' segments run in them"),
+                                     ("vision_batches", "vision_batches", "Batched vision-tower forwards run"),
+                                     ("vision_grids", "vision_grids", "Frame-pair grids encoded in them")):
+                yield CounterMetricFamily(f"vsq_pool_{name}", help_, value=st[key])
         device = reg.model.device
         if device.type == "cuda":
             import torch

@@ -154,8 +154,8 @@ def build_app(args: dict) -> "serve.Application":
         if isinstance(value, bool) or str(value).lower() in ("true", "false"):
             if str(value).lower() == "true":
                 argv.append(flag)
-            elif key == "warmup":
-                argv.append("--no-warmup")
+            elif key in ("warmup", "pool"):  # the flags that are on unless turned off
+                argv.append(f"--no-{key}")
         else:
             argv += [flag, str(value)]
     parsed = parse_args(argv)

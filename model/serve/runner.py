@@ -1,4 +1,4 @@
-"""SessionRunner: every engine call of one session goes through here (the executor issue 19 will swap).
+"""SessionRunner: every engine call of one session goes through here.
 
 One worker thread per session runs the engine's calls one at a time, questions first: a question
 waits at most for the chunk being encoded when it arrived, never for the frames queued behind it,
@@ -122,16 +122,18 @@ class SessionRunner:
 
     @classmethod
     def open(cls, model, processor, config, capacity: int, warmup_frame_size: Optional[tuple[int, int]] = None,
-             fps: float = 2.0, **runner_options) -> "SessionRunner":
+             fps: float = 2.0, pool=None, **runner_options) -> "SessionRunner":
         """A new engine over ``model`` (its ``StreamConfig`` ``config``) with ``capacity`` tokens of cache reserved now,
         or warmed up for frames of ``warmup_frame_size`` (H, W) (graphs captured, cache reserved), and its runner.
+        ``pool``: a ``KVPool``: the engine keeps its K/V in the pool's pages and its forwards run on the pool's
+        scheduler, batched with the other sessions' (``capacity`` is then checked against the pool, not allocated).
 
         Raises what the engine raises: ValueError/TypeError for a config it refuses, out of memory while
         reserving (the engine is closed again either way).
         """
         from .. import VideoStreamInference
 
-        engine = VideoStreamInference(model, processor, config=config)
+        engine = VideoStreamInference(model, processor, config=config, pool=pool)
         try:
             if warmup_frame_size is not None:
                 engine.warmup(frame_size=tuple(warmup_frame_size), chunk_frames=runner_options.get("chunk_frames", 4),

@@ -19,7 +19,8 @@ import time
 from concurrent.futures import Executor, ThreadPoolExecutor
 from typing import Any, Callable, Optional
 
-from ..config import StreamConfig
+from ..config import PoolConfig, StreamConfig
+from ..kv_pool import KVPool
 from .admission import GIB, Admission, AdmissionRefused, MemoryModel
 from .config import ServerConfig
 from .protocol import (FrameRecord, ProtocolError, Question, SessionSettings, decode_frame, parse_frames,
@@ -189,10 +190,20 @@ class SessionRegistry:
 
                 budget = int(0.9 * torch.cuda.mem_get_info(model.device)[0])
             else:
-                budget = 4 * GIB
+                budget = GIB
+        self.pool: Optional[KVPool] = None
+        if config.pooled:
+            # the sessions' caches, allocated once, here: the budget is the pool
+            tokens = config.pool_tokens or budget // self.memory.kv_bytes_per_token
+            if tokens < PoolConfig.page:
+                raise ValueError(f"a memory budget of {budget} bytes holds {tokens} tokens of K/V, less than one page "
+                                 f"of the pool ({PoolConfig.page}): raise --memory-gib or set --pool-tokens")
+            self.pool = KVPool.for_model(model, tokens=tokens)
+            budget = self.pool.reserved_bytes()
         self.admission = Admission(budget, config.max_sessions, config.retry_after_s,
-                                   cuda_device=model.device if cuda else None)
-        self.warmup = cuda if config.warmup is None else config.warmup
+                                   cuda_device=model.device if cuda and self.pool is None else None)
+        # a pooled session captures no graphs of its own (the scheduler's forwards run eagerly): nothing to warm up
+        self.warmup = self.pool is None and (cuda if config.warmup is None else config.warmup)
         # Own threads for decoding frames and for opening sessions (a GPU warm-up takes seconds): neither
         # waits behind the other, nor behind anything else using asyncio's default pool.
         self._decoder = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 2), thread_name_prefix="vsq-decode")
@@ -209,7 +220,7 @@ class SessionRegistry:
         """A new session -> it; ``AdmissionRefused`` when it would not fit, ``ProtocolError`` for settings the
         engine refuses (an impossible budget)."""
         sid = f"{self.id_prefix}{secrets.token_hex(8)}"
-        need = self.memory.session_bytes(settings, self.config.limits, self.config.recall_host_tokens)
+        need = self._need_bytes(settings)
         self.admission.reserve(sid, need, self._retry_after())
         try:
             runner = await asyncio.get_running_loop().run_in_executor(self._opener, self._open_runner, sid, settings)
@@ -223,6 +234,13 @@ class SessionRegistry:
                                                       "settings": settings.to_json(), "memory_bytes": need}})
         return session
 
+    def _need_bytes(self, settings: SessionSettings) -> int:
+        """What a session with ``settings`` holds of the budget: its pages of the pool, or its own cache and overhead."""
+        if self.pool is not None:
+            share = self.memory.pool_tokens(settings, self.config.limits, self.pool.page)
+            return share * self.memory.kv_bytes_per_token
+        return self.memory.session_bytes(settings, self.config.limits, self.config.recall_host_tokens)
+
     def _open_runner(self, sid: str, settings: SessionSettings) -> SessionRunner:
         """The session's runner and engine, its cache reserved now (running out of memory happens here, refused)."""
         limits = self.config.limits
@@ -232,7 +250,7 @@ class SessionRegistry:
                 capacity=self.memory.capacity_tokens(settings, limits),
                 warmup_frame_size=settings.frame_size if self.warmup else None, fps=settings.fps,
                 chunk_frames=settings.chunk_frames, max_queued_frames=limits.max_queued_frames,
-                max_pending_questions=limits.max_pending_questions, observer=self.observer, name=sid)
+                max_pending_questions=limits.max_pending_questions, observer=self.observer, name=sid, pool=self.pool)
         except (ValueError, TypeError) as e:
             raise ProtocolError("bad_settings", str(e)) from None
         except BaseException as e:
@@ -305,6 +323,8 @@ class SessionRegistry:
             await self.delete(sid, reason="server shutting down")
         self._decoder.shutdown(wait=False)
         self._opener.shutdown(wait=False)
+        if self.pool is not None:
+            self.pool.close()  # the scheduler's thread ends; the pool's memory goes with the registry
 
 
 def stream_config(config: ServerConfig, settings: SessionSettings) -> StreamConfig:
