@@ -37,6 +37,9 @@ NOT_RUN = [
     (r"(SERVE_API_KEY=\S+ )?python -m model\.serve (?!--help)|serve run |ray start ",
      "starts a server or a Ray cluster that runs until stopped (tests/test_serve_*.py start the same server, "
      "the browser page and Ray Serve on loopback and stop them)"),
+    (r"python benchmarks/bench_serve\.py +# on the GPU machine", "the GPU measurement (minutes on a GPU, its report "
+                                                                 "into benchmarks/results/serve); the CPU trial below "
+                                                                 "runs the same code"),
     (r"python -m model(\.eval)? (?!--help)", "streams a video file, camera or URL, or reads benchmark datasets "
                                              "and weights, none of which a checkout has (tests/test_cli.py and "
                                              "tests/test_eval_runner.py run both tools on generated files)"),
