@@ -1,7 +1,8 @@
 """Many streams over one model: N cameras driven through one KV pool and its scheduler (or each on its own engine).
 
-Each stream is its own ``VideoStreamInference`` over ONE model (random-weight Qwen2.5-VL-3B in
-bf16 on the GPU; ``--tiny``: the tiny random model on the CPU, a smoke test). Every stream has
+Each stream is its own ``VideoStreamInference`` over ONE model (random weights of ``--arch``,
+default Qwen2.5-VL-3B, in bf16 on the GPU; ``--tiny``: the tiny random model of that family on the
+CPU, a smoke test). Every stream has
 its own thread: it appends chunks of 4 frames (448x448 at 2 fps) and asks a 1-token question
 every 10 s of its own video. For each N in ``--streams`` it reports aggregate frames/s, question
 TTFT p50/p95 over all streams, and memory (peak against weights + pool (or caches)).
@@ -17,6 +18,7 @@ and runs its forwards alone (the baseline).
 
     python benchmarks/bench_streams.py --streams 1,8,32,64,128 --seconds 60 --json out.json
     python benchmarks/bench_streams.py --mode realtime --streams 100 --seconds 60
+    python benchmarks/bench_streams.py --arch qwen3_vl-8b --streams 1,8,32 --seconds 60 --json q3.json
     python benchmarks/bench_streams.py --tiny --streams 1,4 --seconds 6     # CPU smoke test
 """
 from __future__ import annotations
@@ -36,6 +38,7 @@ import torch  # noqa: E402
 from model import KVPool, StreamConfig, VideoStreamInference  # noqa: E402
 from percentiles import pct  # noqa: E402
 from model.synthetic import synthetic_frames  # noqa: E402
+from model.testing import REAL_CONFIGS  # noqa: E402
 from model.timing import GIB, device_info  # noqa: E402
 
 CHUNK, FPS, EVERY = 4, 2, 10  # frames per append, frames per second, seconds between questions
@@ -56,16 +59,17 @@ def live_by_origin(top: int = 12) -> dict:
     return {k: v / GIB for k, v in sorted(groups.items(), key=lambda kv: -kv[1])[:top]}
 
 
-def build(tiny: bool):
-    """(model, processor, frame size)."""
+def build(tiny: bool, arch: str):
+    """(model, processor, frame size): random weights of ``arch`` in bf16 on the GPU, or the tiny model of its family."""
+    family = arch.split("-")[0]
     if tiny:
         from model.testing import build_tiny_model
 
-        model, proc = build_tiny_model(seed=0)
-        return model, proc, 56
-    from model.testing import QWEN25_VL_3B_CONFIG, build_3b_processor, build_random_model
+        model, proc = build_tiny_model(seed=0, family=family)
+        return model, proc, 64  # every tiny family takes 64x64 (Qwen3-VL's min_pixels)
+    from model.testing import REAL_CONFIGS, build_processor, build_random_model
 
-    return build_random_model(QWEN25_VL_3B_CONFIG, dtype=torch.bfloat16, device="cuda"), build_3b_processor(), 448
+    return build_random_model(REAL_CONFIGS[arch], dtype=torch.bfloat16, device="cuda"), build_processor(family), 448
 
 
 def memory(device) -> tuple[int, int]:
@@ -179,6 +183,8 @@ def main(argv=None) -> int:
     ap.add_argument("--budget", type=int, default=16_384, help="tokens each stream keeps (0 with --no-pool: unbounded)")
     ap.add_argument("--batch-tokens", type=int, default=8192, help="PoolConfig.max_batch_tokens")
     ap.add_argument("--tiny", action="store_true", help="the tiny random model on the CPU (a smoke test)")
+    ap.add_argument("--arch", default="qwen2_5_vl-3b", choices=sorted(REAL_CONFIGS),
+                    help="the architecture (random weights; with --tiny, the tiny model of its family)")
     ap.add_argument("--json")
     ap.add_argument("--memory-history", action="store_true",
                     help="record allocations' stacks and report the live memory by where it was allocated")
@@ -187,10 +193,10 @@ def main(argv=None) -> int:
     if args.tiny and args.budget == 16_384:
         args.budget = 400
     if not args.tiny and not torch.cuda.is_available():
-        ap.error("the 3B model needs a CUDA GPU; use --tiny for the CPU smoke test")
+        ap.error(f"the {args.arch} architecture needs a CUDA GPU; use --tiny for the CPU smoke test")
     if args.memory_history:
         torch.cuda.memory._record_memory_history(stacks="python", max_entries=500_000)
-    model, proc, size = build(args.tiny)
+    model, proc, size = build(args.tiny, args.arch)
     runs = []
     for n in counts:
         res = run_n(model, proc, size, n, args)
@@ -203,7 +209,8 @@ def main(argv=None) -> int:
                                        if args.mode == "realtime" else "") + ", peak "
               f"{res['peak_gib']:.2f} GiB (weights {res['weights_gib']:.2f} + KV {res['kv_memory_gib']:.2f}), "
               f"batching {res['batching']}{' ERRORS ' + str(res['errors']) if res['errors'] else ''}", flush=True)
-    out = {"meta": device_info(), "runs": runs,
+    out = {"meta": {**device_info(), "arch": args.arch, "command": "python benchmarks/bench_streams.py "
+                    + " ".join(argv if argv is not None else sys.argv[1:])}, "runs": runs,
            "live_at_end_by_origin_gib": live_by_origin() if args.memory_history else None}
     if args.json:
         with open(args.json, "w") as f:

@@ -29,6 +29,11 @@ for s in "$@"; do
     q3-exact) stage q3-exact 300 python3 benchmarks/bench_exact.py --arch qwen3_vl-8b --long-tokens 10000 --short-points 2 --long-points 1 --json "$OUT/q3_exact.json" ;;
     tune) stage tune 240 python3 benchmarks/tune_attention.py --json "$OUT/tune.json" ;;
     q25-3b) stage q25-3b 300 python3 benchmarks/bench_stream.py --arch qwen2_5_vl-3b --streams fast60,long10 --out "$OUT/q25_3b" ;;
+    streams) stage streams 540 python3 benchmarks/bench_streams.py --streams 1,8,32,64,128 --seconds 20 --json "$OUT/streams_pool.json" ;;
+    streams-realtime) stage streams-realtime 300 python3 benchmarks/bench_streams.py --mode realtime --streams 100 --seconds 30 --json "$OUT/streams_realtime.json" ;;
+    streams-q3) stage streams-q3 400 python3 benchmarks/bench_streams.py --arch qwen3_vl-8b --streams 1,8,32 --seconds 20 --json "$OUT/streams_q3_8b.json" ;;
+    serve) stage serve 560 python3 benchmarks/bench_serve.py --sessions 1,8,32 --seconds 20 --out "$OUT/serve" ;;
+    serve-nopool) stage serve-nopool 400 python3 benchmarks/bench_serve.py --sessions 1,8 --no-find-max --seconds 20 --server-arg=--no-pool --out "$OUT/serve_nopool" ;;
     *) echo "unknown stage $s" | tee -a "$OUT/session.log" ;;
   esac
 done

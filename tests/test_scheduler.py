@@ -216,8 +216,10 @@ def test_the_asyncio_calls_of_many_engines_are_batched(tiny):
         assert answer.token_ids == want.token_ids and close(answer.first_logits, want.first_logits)
 
 
-def test_the_many_streams_benchmark_runs_on_the_tiny_model(tmp_path):
-    """``benchmarks/bench_streams.py --tiny``: N streams through the scheduler on the CPU, its JSON complete."""
+@pytest.mark.parametrize("arch", ["qwen2_5_vl-3b", "qwen3_vl-2b"])
+def test_the_many_streams_benchmark_runs_on_the_tiny_model(tmp_path, arch):
+    """``benchmarks/bench_streams.py --tiny [--arch A]``: N streams through the scheduler on the CPU (the tiny model
+    of A's family), its JSON complete."""
     import json
     import os
     import subprocess
@@ -225,9 +227,11 @@ def test_the_many_streams_benchmark_runs_on_the_tiny_model(tmp_path):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     out = tmp_path / "streams.json"
     proc = subprocess.run([sys.executable, "benchmarks/bench_streams.py", "--tiny", "--streams", "1,3", "--seconds", "4",
-                           "--every", "2", "--json", str(out)], cwd=root, capture_output=True, text=True, timeout=600)
+                           "--every", "2", "--arch", arch, "--json", str(out)], cwd=root, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    runs = json.loads(out.read_text())["runs"]
+    report = json.loads(out.read_text())
+    runs = report["runs"]
+    assert report["meta"]["arch"] == arch and "--arch " + arch in report["meta"]["command"]
     assert [r["streams"] for r in runs] == [1, 3] and not any(r["errors"] for r in runs)
     for r in runs:
         assert r["aggregate_frames_per_s"] > 0 and r["ttft_ms"]["n"] == 2 * r["streams"]
