@@ -238,6 +238,12 @@ class Stream:
             self.writer.feed_ids(txn.fork(), [0] * b, logits="last")
             if self.kv.recall is not None:
                 self.writer.feed_ids(txn.fork(), [0] * b, probe=True)
+        # ask_choice's eager forwards (a question, choice trees of a few rows and of many, a choice scored alone):
+        # their attention kernels compile here, not in the first ask_choice (issue 21 measured 0.9-1.3 s there)
+        fork = txn.fork()
+        q_logits = self.open_question(fork, [0] * 4)[0]  # (V,)
+        self.score_choices(fork, q_logits, [[0, 0], [0, 0]])  # 2 rows: the small row block of every model
+        self.score_choices(fork, q_logits, [[0] * 12, [0] * 13, [0] * (self.config.choice_chunk_tokens + 2)])
 
     def stats(self, st: StreamState) -> dict:
         """Numbers of the committed state ``st`` (one immutable record: consistent without a lock) and backends."""

@@ -42,9 +42,21 @@ def available(device: torch.device) -> bool:
     return triton is not None and (device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1")
 
 
+# Triton compiles a variant per value class of each integer argument (== 1, divisible by 16, other) unless told not
+# to: the row count, the key range and the split count change with every eager call's length (a question, a choice
+# tree, a recall probe), so they are not specialized, and a call of a new length never compiles (issue 21 measured
+# 0.9-1.1 s for the first ask_choice of a new length on the 8B; strides and head counts are fixed per model).
+RUNTIME_INTS = ("n", "M", "MT", "SPLITS")
+
+
+def _jit(fn):
+    names = fn.__code__.co_varnames[:fn.__code__.co_argcount]
+    return triton.jit(do_not_specialize=[a for a in RUNTIME_INTS if a in names])(fn)
+
+
 if triton is not None:
 
-    @triton.jit
+    @_jit
     def _split_kernel(Q, K, V, Start, Branch, Rank, Acc, Lse,
                       sqh, sqt, sqd, skh, skt, skd, svh, svt, svd,
                       n, G, M, scale,
@@ -112,7 +124,7 @@ if triton is not None:
         tl.store(Acc + base[:, None] * D + d[None, :], out, mask=row_ok[:, None])
         tl.store(Lse + base, lse, mask=row_ok)
 
-    @triton.jit
+    @_jit
     def _merge_kernel(Acc, Lse, Out, sot, soh, sod, n, G, M, HKV,
                       SPLITS, BM: tl.constexpr, D: tl.constexpr):  # SPLITS at run time, as above
         mb, h = tl.program_id(0), tl.program_id(1)
@@ -138,7 +150,7 @@ if triton is not None:
 
 if triton is not None:
 
-    @triton.jit
+    @_jit
     def _paged_split_kernel(Q, K, V, BlockSeg, BlockM, SegRow, SegN, SegLen, Table, Rank, Branch, Acc, Lse,
                             sqh, sqt, sqd, skh, skt, skd, svh, svt, svd, stab, srank,
                             G, MT, scale, SPLITS, BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr,
@@ -204,7 +216,7 @@ if triton is not None:
         tl.store(Acc + base[:, None] * D + d[None, :], out, mask=row_ok[:, None])
         tl.store(Lse + base, lse, mask=row_ok)
 
-    @triton.jit
+    @_jit
     def _paged_merge_kernel(Acc, Lse, Out, BlockSeg, BlockM, SegRow, SegN, sot, soh, sod, G, MT, HKV,
                             SPLITS, BM: tl.constexpr, D: tl.constexpr):
         b, h = tl.program_id(0), tl.program_id(1)
