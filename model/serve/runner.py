@@ -204,12 +204,16 @@ class SessionRunner:
         await asyncio.wrap_future(self._done)  # no thread waits: the worker says when it is done
 
     def begin_close(self) -> None:
+        self._stop_taking_work(cancel_running=True)
+
+    def _stop_taking_work(self, cancel_running: bool) -> None:
+        """Closing: no more work is taken; queued frames are dropped and queued questions answered 'session_closed'."""
         with self._cond:
             self._closing = True
             pending = list(self._questions)
             self._questions.clear()
             self._frames.clear()
-            if self._running is not None:
+            if cancel_running and self._running is not None:
                 self._running.cancel()
             self._cond.notify_all()
         for job in pending:
@@ -260,14 +264,7 @@ class SessionRunner:
                 self._done.set_result(None)
 
     def _shutdown(self) -> None:
-        with self._cond:
-            self._closing = True
-            pending = list(self._questions)
-            self._questions.clear()
-            self._frames.clear()
-        for job in pending:
-            job.emit(error_event("session_closed", "the session was closed before this question was answered",
-                                 job.question.id))
+        self._stop_taking_work(cancel_running=False)
         with self._closing_engine:
             engine, self.engine = self.engine, None
             if engine is not None:
