@@ -33,6 +33,8 @@ HEAVY = {"torch", "transformers", "fastapi", "ray", "uvicorn"}
     (["--max-choices", "0"], 2, "max_choices"),
     (["--idle-timeout", "-1"], 2, "idle_timeout_s"),
     (["--model", "/nonexistent/folder"], 2, "--model"),
+    (["--pool-tokens", "0"], 2, "--pool-tokens"),
+    (["--no-pool", "--pool-tokens", "4096"], 2, "--no-pool"),
 ])
 def test_help_and_bad_flags_answer_before_anything_heavy_loads(args, code, words):
     start = time.monotonic()
@@ -47,6 +49,13 @@ def test_help_and_bad_flags_answer_before_anything_heavy_loads(args, code, words
         assert len(errors) == 1 and words in errors[0], errors
     else:
         assert "--memory-gib" in proc.stdout and "--api-key" in proc.stdout
+
+
+def test_a_budget_too_small_for_the_pool_is_one_line_and_exit_2():
+    proc = subprocess.run([sys.executable, "-m", "model.serve", "--device", "cpu", "--memory-gib", "0.00001"],
+                          cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr and "--memory-gib" in proc.stderr.splitlines()[-1], proc.stderr[-2000:]
 
 
 def test_a_server_process_serves_and_stops_cleanly(tmp_path):

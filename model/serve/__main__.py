@@ -127,7 +127,11 @@ def main(argv=None) -> int:
     engine, description = load_engine(args.model, dtype=args.dtype, device=args.device)
     model, processor = engine.model, engine.processor
     engine.close()
-    app = build_app(model, processor, config, description)
+    try:
+        app = build_app(model, processor, config, description)  # the pool is allocated here
+    except ValueError as e:  # a budget too small for one page of the pool
+        print(f"python -m model.serve: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
     uvicorn.run(app, host=args.host, port=args.port, log_config=None, access_log=False,
                 ws_max_size=2 * config.limits.max_message_bytes, ws_ping_interval=20, ws_ping_timeout=20,
                 timeout_graceful_shutdown=5)
