@@ -22,6 +22,8 @@ keeps its tokens in slots of pages it owns, through its own page table:
 from __future__ import annotations
 
 import itertools
+import math
+import mmap
 import threading
 import weakref
 from dataclasses import replace
@@ -55,8 +57,8 @@ class KVPool:
         self.page = self.config.page
         layers, heads, dim = self.shape
         capacity = self.config.pages * self.page
-        self.buffers = tuple((torch.zeros(1, heads, capacity, dim, dtype=self.dtype, device=self.device),
-                              torch.zeros(1, heads, capacity, dim, dtype=self.dtype, device=self.device))
+        shape = (1, heads, capacity, dim)
+        self.buffers = tuple((_zeroed(shape, self.dtype, self.device), _zeroed(shape, self.dtype, self.device))
                              for _ in range(layers))  # ((K, V), ...) per layer: allocated here, never again
         self.allocations = 1
         # the owner of each page (-1: free): the one record of who owns what. A stream's page table may lag
@@ -129,8 +131,23 @@ class KVPool:
                 "pool_allocations": self.allocations, **self.scheduler.stats()}
 
     def close(self) -> None:
-        """Stop the scheduler's thread (calls on the pool's streams raise afterwards)."""
+        """Stop the scheduler's thread and free the pool's K/V memory now (calls on the pool's streams raise
+        afterwards). Without ``close`` the memory goes with the last reference to the pool."""
         self.scheduler.stop()
+        # empty buffers of the same dtype in their place: whatever still holds the pool (an app object in a reference
+        # cycle, a closed engine) no longer holds its memory, and any use of it fails loudly
+        self.buffers = tuple((k.new_empty(0), v.new_empty(0)) for k, v in self.buffers)
+        self.scheduler.buffers = self.buffers
+
+
+def _zeroed(shape: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Zeroed K/V memory (masked slots are multiplied by zero weights: they must never hold NaN). On a GPU allocated
+    now; on the CPU an anonymous mapping, zero pages that the OS commits when first written, so a host pool costs
+    the memory its streams have written, not its size (a CPU server's default pool)."""
+    if device.type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    count = math.prod(shape)
+    return torch.frombuffer(mmap.mmap(-1, max(1, count * dtype.itemsize)), dtype=dtype, count=count).view(shape)
 
 
 class PooledCache:

@@ -230,3 +230,38 @@ def test_bad_pool_arguments_are_refused(tiny):
         engine.reserve(10_000)
     with pytest.raises(ValueError, match="snapshot"):
         engine.kv.rollback(0)
+
+
+def test_closing_the_pool_frees_its_memory_at_once_and_its_streams_refuse_calls(tiny):
+    import weakref
+
+    pool = KVPool.for_model(tiny[0], tokens=2048, page=16)
+    engine = VideoStreamInference(*tiny, pool=pool)
+    engine.append_frames(synthetic_frames(4, 56, 84, seed=3), fps=2)
+    buffers = [weakref.ref(t) for kv in pool.buffers for t in kv]
+    gc.disable()  # by reference counting alone, while the pool object itself is still referenced
+    try:
+        pool.close()
+        assert all(b() is None for b in buffers), "the pool's K/V buffers outlived close()"
+    finally:
+        gc.enable()
+    with pytest.raises(RuntimeError, match="scheduler"):
+        engine.ask("Still there?", max_new_tokens=1)
+    assert pool.stats()["pool_tokens"] == 2048  # its numbers stay readable
+
+
+def test_a_host_pool_costs_what_is_written_not_its_size(tiny):
+    """On the CPU the pool is zero pages the OS commits when first written: a CPU server's 1 GiB default pool costs
+    what its sessions have written."""
+    def resident_mib() -> float:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * 4096 / 2**20
+
+    if not hasattr(torch, "frombuffer") or not __import__("os").path.exists("/proc/self/statm"):
+        pytest.skip("needs Linux's /proc to read resident memory")
+    before = resident_mib()
+    pool = KVPool.for_model(tiny[0], tokens=2**21)  # 2M tokens x 512 bytes: 1 GiB of K/V
+    assert pool.reserved_bytes() == 2**30
+    assert resident_mib() - before < 64
+    assert all(float(t.abs().max()) == 0 for t in (pool.buffers[0][0][0, :, :4096], pool.buffers[-1][1][0, :, -4096:]))
+    pool.close()

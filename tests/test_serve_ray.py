@@ -54,7 +54,7 @@ def cluster():
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         from model.serve.ray_app import build_app
 
-        serve.run(build_app({"device": "cpu", "replicas": 2, "idle_timeout": 600, "api_key": KEY}), name="vsq",
+        serve.run(build_app({"device": "cpu", "replicas": 2, "idle_timeout": 600, "api_key": KEY, "memory_gib": 0.25}), name="vsq",
                   route_prefix="/")
         yield f"http://127.0.0.1:{port}"
     finally:
