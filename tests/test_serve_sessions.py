@@ -203,3 +203,25 @@ def test_healthz_and_metrics(server):
                  "vsq_ingest_queue_frames", "vsq_memory_reserved_bytes", "vsq_engine_ttft_seconds_count"):
         assert name in text, name
     assert "<title>" in httpx.get(f"{url}/").text
+
+
+def test_a_pooled_server_warms_its_pool_up_once_at_start(tiny, monkeypatch):
+    """With warm-up on (the default on a GPU) one throwaway stream runs every kind of forward through the pool when
+    the server starts, so no session's first call compiles a kernel; it leaves every page free."""
+    calls = []
+    warmup = VideoStreamInference.warmup
+
+    def record(self, frame_size, *args, **kwargs):
+        calls.append((self.pool, tuple(frame_size)))
+        return warmup(self, frame_size, *args, **kwargs)
+
+    monkeypatch.setattr(VideoStreamInference, "warmup", record)
+    app = build_app(*tiny, dataclasses.replace(CONFIG, warmup=True), "tiny")
+    pool = app.state.registry.pool
+    assert len(calls) == 1 and calls[0][0] is pool, calls
+    assert pool.free_pages == pool.config.pages and pool.stats()["lm_batches"] == 0
+    with ServerThread(app) as url:
+        frames = synthetic_frames(4, 56, 84, seed=4)
+        sid, status, (text,) = asyncio.run(stream_session(url, {"fps": 2.0}, frames, 4, [(QUESTION, None, 2)]))
+        assert status["frames_ingested"] == 4 and text.final["type"] == "response.done"
+    assert len(calls) == 1  # sessions of a pooled server are not warmed up one by one

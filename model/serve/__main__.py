@@ -45,7 +45,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--session-overhead-mib", type=int, default=None,
                    help="memory counted per session beyond its cache (default 256 on a GPU, 16 on CPU)")
     g.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=None,
-                   help="warm each session up at creation when it gives frame_size (default: on a GPU)")
+                   help="warm the pool up once at start (with --no-pool: each session at creation, when it gives "
+                        "frame_size), so no first call compiles or captures (default: on a GPU)")
     g.add_argument("--default-fps", type=float, default=2.0)
     g.add_argument("--max-fps", type=float, default=30.0)
     g.add_argument("--default-budget-tokens", type=int, default=16_384, help="a session's cache budget when it "

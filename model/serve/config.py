@@ -31,7 +31,7 @@ class ServerConfig:
     api_key: Optional[str] = None  # when set, every /v1 request and /metrics needs "Authorization: Bearer KEY"
     session_overhead_bytes: Optional[int] = None  # per session; None: 256 MiB on a GPU, 16 MiB on CPU
     recall_host_tokens: int = 16_384  # StreamConfig.recall_host_tokens of sessions that recall
-    warmup: Optional[bool] = None  # warm each session up (graphs, cache) at creation; None: on a GPU
+    warmup: Optional[bool] = None  # warm the pool up at start (not pooled: each session at creation); None: on a GPU
     retry_after_s: int = 30  # Retry-After of a refused session when no idle session is about to expire
     status_interval_s: float = 1.0  # a WebSocket gets a status event this often
     stream: StreamConfig = field(default_factory=StreamConfig)

@@ -177,6 +177,7 @@ class SessionRegistry:
         self._ended: collections.OrderedDict[str, str] = collections.OrderedDict()
         pixels = pixel_range(model, processor, config.stream)
         self._min_pixels, self._factor = pixels.min_pixels, pixels.factor
+        self._max_pixels = pixels.max_pixels
         cuda = model.device.type == "cuda"
         overhead = config.session_overhead_bytes
         if overhead is None:
@@ -202,8 +203,12 @@ class SessionRegistry:
             budget = self.pool.reserved_bytes()
         self.admission = Admission(budget, config.max_sessions, config.retry_after_s,
                                    cuda_device=model.device if cuda and self.pool is None else None)
-        # a pooled session captures no graphs of its own (the scheduler's forwards run eagerly): nothing to warm up
-        self.warmup = self.pool is None and (cuda if config.warmup is None else config.warmup)
+        warm = cuda if config.warmup is None else config.warmup
+        # a pooled session captures no graphs of its own (the scheduler's forwards run eagerly): the pool is warmed
+        # up once, here, so that no session's first call compiles a kernel
+        self.warmup = self.pool is None and warm
+        if self.pool is not None and warm:
+            self._warm_pool()
         # Own threads for decoding frames and for opening sessions (a GPU warm-up takes seconds): neither
         # waits behind the other, nor behind anything else using asyncio's default pool.
         self._decoder = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 2), thread_name_prefix="vsq-decode")
@@ -233,6 +238,16 @@ class SessionRegistry:
         log.info("session created", extra={"fields": {"event": "session_created", "session": sid,
                                                       "settings": settings.to_json(), "memory_bytes": need}})
         return session
+
+    def _warm_pool(self) -> None:
+        """One throwaway stream's warm-up through the pool (a chunk, questions, decode steps, choices) at the
+        processor's default frame size: every kernel the sessions' forwards use is compiled before the first session."""
+        from .. import VideoStreamInference
+
+        side = max(self._factor, int(math.sqrt(min(self._max_pixels, 448 * 448))) // self._factor * self._factor)
+        with VideoStreamInference(self.model, self.processor, config=self.config.stream, pool=self.pool) as engine:
+            engine.warmup(frame_size=(side, side), chunk_frames=4, fps=2.0, freeze_gc=False)
+        self.pool.scheduler.reset_stats()
 
     def _need_bytes(self, settings: SessionSettings) -> int:
         """What a session with ``settings`` holds of the budget: its pages of the pool, or its own cache and overhead."""
