@@ -26,6 +26,7 @@ def saved(family: str, folder):
     return model, proc
 
 
+@pytest.mark.slow  # writes and loads a checkpoint per family
 @pytest.mark.parametrize("family", FAMILIES)
 def test_a_saved_folder_of_each_family_loads_as_its_family_and_streams_exactly(family, tmp_path):
     model, proc = saved(family, tmp_path)

@@ -238,6 +238,7 @@ def test_bad_numbers_exit_2_naming_the_flag_before_the_model_loads(video, tmp_pa
     assert "RANDOM WEIGHTS" not in err and out == ""
 
 
+@pytest.mark.slow  # streams in real time
 def test_interactive_at_a_terminal_paces_a_file_at_real_time(tmp_path, monkeypatch):
     path = write_synthetic_video(tmp_path / "ten.mp4", 10.0, 10.0, 112, 140)  # 20 frames at 2 fps
     master, slave = os.openpty()  # a real terminal for stdin

@@ -430,6 +430,7 @@ def test_a_torn_last_line_is_dropped_and_a_missing_newline_added_before_appendin
     assert [json.loads(line)["event_id"] for line in path.read_text().splitlines()] == ["a", "b", "c", "d"]
 
 
+@pytest.mark.slow  # two runner processes
 def test_one_run_at_a_time_per_folder_and_a_dead_runs_lock_does_not_block(bench, engine, tmp_path):
     import os
     import signal

@@ -9,9 +9,12 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.mark.slow  # a fresh interpreter
 def test_importing_every_library_module_leaves_the_fixtures_out():
     code = """
 import importlib, pkgutil, sys

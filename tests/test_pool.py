@@ -171,6 +171,7 @@ def test_pages_freed_by_eviction_and_dropped_questions_go_back_to_the_pool(tiny)
     assert owned(engine) <= before
 
 
+@pytest.mark.slow  # warms up and streams three engines
 def test_the_pool_never_allocates_after_it_is_built(tiny):
     model, proc = tiny
     pool = KVPool.for_model(model, tokens=2048, page=16)

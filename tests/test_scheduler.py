@@ -59,6 +59,7 @@ def wait_pending(pool: KVPool, n: int) -> None:
         time.sleep(0.005)
 
 
+@pytest.mark.slow  # one of the slowest: 12 streams from threads
 def test_twelve_streams_from_threads_each_equal_the_stream_alone(tiny):
     model, proc = tiny
     pool = KVPool.for_model(model, tokens=16_384, page=16, **BATCHING)
@@ -138,6 +139,7 @@ def test_a_failure_in_one_streams_part_of_a_batch_fails_only_that_stream(tiny):
     assert got.token_ids == want.token_ids and close(got.first_logits, want.first_logits)
 
 
+@pytest.mark.slow  # an interrupt sweep
 def test_interrupts_in_one_stream_leave_it_and_the_others_intact(tiny):
     model, proc = tiny
     pool = KVPool.for_model(model, tokens=16_384, page=16, **BATCHING)
@@ -216,6 +218,7 @@ def test_the_asyncio_calls_of_many_engines_are_batched(tiny):
         assert answer.token_ids == want.token_ids and close(answer.first_logits, want.first_logits)
 
 
+@pytest.mark.slow  # starts the benchmark's interpreter
 @pytest.mark.parametrize("arch", ["qwen2_5_vl-3b", "qwen3_vl-2b"])
 def test_the_many_streams_benchmark_runs_on_the_tiny_model(tmp_path, arch):
     """``benchmarks/bench_streams.py --tiny [--arch A]``: N streams through the scheduler on the CPU (the tiny model

@@ -15,6 +15,7 @@ import time
 
 import pytest
 
+pytestmark = pytest.mark.slow  # a real uvicorn server on loopback per module (run: pytest tests/test_serve_*.py)
 pytest.importorskip("fastapi")  # the server's dependencies (requirements.txt)
 httpx = pytest.importorskip("httpx")
 websockets = pytest.importorskip("websockets")
@@ -125,6 +126,7 @@ def test_bad_settings_are_400s_naming_the_setting(tiny, body, words):
         assert bad.status_code == 400 and bad.json()["error"]["code"] == "bad_json"
 
 
+@pytest.mark.slow  # waits out an idle timeout
 def test_idle_sessions_are_closed_and_their_memory_returned(tiny):
     app = build_app(*tiny, ServerConfig(idle_timeout_s=0.6), "tiny")
     registry = app.state.registry

@@ -15,6 +15,7 @@ import zlib
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.slow  # a real uvicorn server on loopback per module (run: pytest tests/test_serve_*.py)
 pytest.importorskip("fastapi")  # the server's dependencies (requirements.txt)
 httpx = pytest.importorskip("httpx")
 
@@ -266,6 +267,7 @@ def test_an_exception_in_one_session_harms_neither_it_nor_the_others(server, tin
     assert httpx.get(f"{url}/healthz").json()["status"] == "ok"
 
 
+@pytest.mark.slow  # waits for answers to queue up
 def test_questions_beyond_the_pending_limit_are_refused(server):
     url, _ = server
 

@@ -20,6 +20,7 @@ import weakref
 
 import pytest
 
+pytestmark = pytest.mark.slow  # a real uvicorn server on loopback per module (run: pytest tests/test_serve_*.py)
 pytest.importorskip("fastapi")  # the server's dependencies (requirements.txt)
 httpx = pytest.importorskip("httpx")
 

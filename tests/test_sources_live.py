@@ -70,6 +70,7 @@ class MJPEGServer:
         self.httpd.server_close()
 
 
+@pytest.mark.slow  # a live source at real time
 def test_live_stream_slow_consumer_gets_the_newest_frame_and_drops_are_counted():
     with MJPEGServer(rate=50, per_connection=250) as server:
         with open_video(server.url, fps=None, timeout_s=5) as video:
