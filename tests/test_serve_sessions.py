@@ -197,11 +197,15 @@ def test_deleting_a_session_closes_its_engine_and_frees_its_memory(server):
 
 
 def test_healthz_and_metrics(server):
-    url, _ = server
+    url, app = server
     assert httpx.get(f"{url}/healthz").json()["status"] == "ok"
     text = httpx.get(f"{url}/metrics").text
-    for name in ("vsq_sessions ", "vsq_frames_total{fate=\"ingested\"}", "vsq_question_ttft_seconds_bucket",
-                 "vsq_ingest_queue_frames", "vsq_memory_reserved_bytes", "vsq_engine_ttft_seconds_count"):
+    names = ["vsq_sessions ", "vsq_frames_total{fate=\"ingested\"}", "vsq_question_ttft_seconds_bucket",
+             "vsq_ingest_queue_frames", "vsq_memory_reserved_bytes", "vsq_engine_ttft_seconds_count"]
+    if app.state.registry.pool is not None:
+        names += ["vsq_pool_tokens ", "vsq_pool_free_tokens ", "vsq_scheduler_queue ", "vsq_pool_lm_batches_total ",
+                  "vsq_pool_lm_segments_total ", "vsq_pool_vision_batches_total ", "vsq_pool_vision_grids_total "]
+    for name in names:
         assert name in text, name
     assert "<title>" in httpx.get(f"{url}/").text
 
