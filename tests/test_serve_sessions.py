@@ -199,6 +199,8 @@ def test_deleting_a_session_closes_its_engine_and_frees_its_memory(server):
 def test_healthz_and_metrics(server):
     url, app = server
     assert httpx.get(f"{url}/healthz").json()["status"] == "ok"
+    # a session's frames and a question first, so that every counter has a row (whatever ran before)
+    asyncio.run(stream_session(url, {"fps": 2.0}, synthetic_frames(4, 56, 84, seed=8), 4, [(QUESTION, None, 1)]))
     text = httpx.get(f"{url}/metrics").text
     names = ["vsq_sessions ", "vsq_frames_total{fate=\"ingested\"}", "vsq_question_ttft_seconds_bucket",
              "vsq_ingest_queue_frames", "vsq_memory_reserved_bytes", "vsq_engine_ttft_seconds_count"]
