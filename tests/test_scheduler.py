@@ -200,20 +200,27 @@ def test_the_asyncio_calls_of_many_engines_are_batched(tiny):
     engines = [VideoStreamInference(model, proc, pool=pool) for _ in range(6)]
 
     async def main():
+        # a new stream's first forward writes its turn header; from the second chunk on, a chunk starts with its
+        # grids: held back until all six are queued, they must go as ONE vision batch (not by timing)
+        await asyncio.gather(*(e.append_frames_async(FRAMES[k:k + 2], fps=2) for k, e in enumerate(engines)))
+        pool.scheduler.reset_stats()
         with pool.scheduler.paused():
-            tasks = [asyncio.ensure_future(e.append_frames_async(FRAMES[k:k + 2], fps=2))
+            tasks = [asyncio.ensure_future(e.append_frames_async(FRAMES[k + 2:k + 4], fps=2))
                      for k, e in enumerate(engines)]
             while pool.scheduler.pending() < 6:
                 await asyncio.sleep(0.005)
+            queued = [type(r.work).__name__ for r in pool.scheduler._queue]
         infos = await asyncio.gather(*tasks)
         answers = await asyncio.gather(*(e.ask_async("What?", max_new_tokens=2) for e in engines))
-        return infos, answers
+        return queued, infos, answers
 
-    infos, answers = asyncio.run(main())
-    assert pool.stats()["max_vision_grids"] == 6, pool.stats()
+    queued, infos, answers = asyncio.run(main())
+    assert queued == ["VisionWork"] * 6, queued
+    assert pool.stats()["max_vision_grids"] == 6 and pool.stats()["vision_batches"] == 1, pool.stats()
     for k, (info, answer) in enumerate(zip(infos, answers)):
         alone = VideoStreamInference(model, proc)
-        assert alone.append_frames(FRAMES[k:k + 2], fps=2).cache_len == info.cache_len
+        alone.append_frames(FRAMES[k:k + 2], fps=2)
+        assert alone.append_frames(FRAMES[k + 2:k + 4], fps=2).cache_len == info.cache_len
         want = alone.ask("What?", max_new_tokens=2)
         assert answer.token_ids == want.token_ids and close(answer.first_logits, want.first_logits)
 
@@ -253,16 +260,20 @@ def test_every_family_batches_exactly(family):
     engines = [VideoStreamInference(model, proc, config=c, pool=pool) for c in configs]
 
     def job(k):
-        engines[k].append_frames(frames[k:k + 5], fps=2)
         engines[k].append_frames(frames[5:12], fps=2)
         return engines[k].ask("What?", max_new_tokens=3)
 
-    with pool.scheduler.paused():  # the two streams' first grids go in one vision batch
+    for k in range(2):  # a new stream's first forward writes its turn header; the next chunk starts with a grid
+        engines[k].append_frames(frames[k:k + 5], fps=2)
+    pool.scheduler.reset_stats()
+    with pool.scheduler.paused():  # the two streams' first grids of the next chunk go in one vision batch
         results = []
         thread = threading.Thread(target=lambda: results.extend(drive([lambda: job(0), lambda: job(1)])))
         thread.start()
         wait_pending(pool, 2)
+        queued = [type(r.work).__name__ for r in pool.scheduler._queue]
     thread.join(timeout=300)
+    assert queued == ["VisionWork"] * 2, queued
     assert pool.stats()["max_vision_grids"] == 2, pool.stats()
     for k, cfg in enumerate(configs):
         alone = VideoStreamInference(model, proc, config=cfg)
