@@ -92,11 +92,11 @@ class _Present:
                                     value=st["pool_free_pages"] * st["pool_page"])
             yield GaugeMetricFamily("vsq_scheduler_queue", "Forwards waiting for the scheduler's next batch",
                                     value=pool.scheduler.pending())
-            for name, key, help_ in (("lm_batches", "lm_batches", "Batched language-model forwards run"),
-                                     ("lm_segments", "lm_segments", "Sessions' segments run in them"),
-                                     ("vision_batches", "vision_batches", "Batched vision-tower forwards run"),
-                                     ("vision_grids", "vision_grids", "Frame-pair grids encoded in them")):
-                yield CounterMetricFamily(f"vsq_pool_{name}", help_, value=st[key])
+            for key, help_ in (("lm_batches", "Batched language-model forwards run"),
+                               ("lm_segments", "Sessions' segments run in them"),
+                               ("vision_batches", "Batched vision-tower forwards run"),
+                               ("vision_grids", "Frame-pair grids encoded in them")):
+                yield CounterMetricFamily(f"vsq_pool_{key}", help_, value=st[key])
         device = reg.model.device
         if device.type == "cuda":
             import torch

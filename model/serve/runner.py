@@ -204,16 +204,14 @@ class SessionRunner:
         await asyncio.wrap_future(self._done)  # no thread waits: the worker says when it is done
 
     def begin_close(self) -> None:
-        self._stop_taking_work(cancel_running=True)
-
-    def _stop_taking_work(self, cancel_running: bool) -> None:
-        """Closing: no more work is taken; queued frames are dropped and queued questions answered 'session_closed'."""
+        """No more work is taken: queued frames are dropped, queued questions answered 'session_closed', the running
+        one cancelled."""
         with self._cond:
             self._closing = True
             pending = list(self._questions)
             self._questions.clear()
             self._frames.clear()
-            if cancel_running and self._running is not None:
+            if self._running is not None:
                 self._running.cancel()
             self._cond.notify_all()
         for job in pending:
@@ -264,7 +262,7 @@ class SessionRunner:
                 self._done.set_result(None)
 
     def _shutdown(self) -> None:
-        self._stop_taking_work(cancel_running=False)
+        self.begin_close()  # (nothing is running: the worker is ending)
         with self._closing_engine:
             engine, self.engine = self.engine, None
             if engine is not None:

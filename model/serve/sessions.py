@@ -176,8 +176,7 @@ class SessionRegistry:
         self._sessions: dict[str, Session] = {}
         self._ended: collections.OrderedDict[str, str] = collections.OrderedDict()
         pixels = pixel_range(model, processor, config.stream)
-        self._min_pixels, self._factor = pixels.min_pixels, pixels.factor
-        self._max_pixels = pixels.max_pixels
+        self._min_pixels, self._max_pixels, self._factor = pixels.min_pixels, pixels.max_pixels, pixels.factor
         cuda = model.device.type == "cuda"
         overhead = config.session_overhead_bytes
         if overhead is None:
@@ -339,7 +338,7 @@ class SessionRegistry:
         self._decoder.shutdown(wait=False)
         self._opener.shutdown(wait=False)
         if self.pool is not None:
-            self.pool.close()  # the scheduler's thread ends; the pool's memory goes with the registry
+            self.pool.close()  # the scheduler's thread ends and the pool's memory is freed now
 
 
 def stream_config(config: ServerConfig, settings: SessionSettings) -> StreamConfig:
