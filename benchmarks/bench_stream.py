@@ -86,7 +86,40 @@ def first_calls(engine) -> dict:
     return out
 
 
-def run_stream(model, proc, name: str, config: StreamConfig, warm: bool = True) -> dict:
+def profile_calls(engine, frames, fps, n_frames, stem) -> dict:
+    """Each kind of call at the end of the stream under the torch profiler: wall ms against the device's
+    kernel ms per call (launch-bound when kernels fill little of the wall), tables in STEM_KIND.txt."""
+    stops, engine.stop_ids = engine.stop_ids, set()
+    starts = iter(range(n_frames, n_frames + 10**6, CHUNK))
+
+    def chunk():
+        i = next(starts)
+        return engine.append_frames([frames[(i + k) % len(frames)] for k in range(CHUNK)], fps=fps)
+
+    kinds = {
+        "chunk": chunk,
+        "question": lambda: engine.ask(Q, max_new_tokens=1),
+        "decode_32": lambda: engine.ask(Q, max_new_tokens=32),
+        "ask_choice_4": lambda: engine.ask_choice(Q, CHOICES),
+    }
+    out = {}
+    for kind, call in kinds.items():
+        call()  # not the first of its kind
+        acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+        with torch.profiler.profile(activities=acts) as prof:
+            _, wall = timed(call)
+        events = prof.key_averages()
+        kernel_ms = sum(e.self_device_time_total for e in events) / 1e3
+        with open(f"{stem}_{kind}.txt", "w") as f:
+            f.write(f"{kind}: wall {1e3 * wall:.1f} ms (profiled), device kernels {kernel_ms:.1f} ms\n\n")
+            f.write(events.table(sort_by="self_device_time_total", row_limit=30, max_name_column_width=70))
+        out[kind] = {"wall_ms": 1e3 * wall, "kernel_ms": kernel_ms}
+        print(f"   profile {kind}: wall {1e3 * wall:.1f} ms, device kernels {kernel_ms:.1f} ms")
+    engine.stop_ids = stops
+    return out
+
+
+def run_stream(model, proc, name: str, config: StreamConfig, warm: bool = True, profile_dir: str | None = None) -> dict:
     seconds, fps, every = STREAMS[name]
     n_frames = int(seconds * fps)
     factor = engine_factor(model, proc)
@@ -127,6 +160,8 @@ def run_stream(model, proc, name: str, config: StreamConfig, warm: bool = True) 
             extra["at_2s"] = decode_and_choice(engine)
     gc.callbacks.remove(on_gc)
     extra["at_end"] = decode_and_choice(engine)
+    if profile_dir:
+        extra["profile"] = profile_calls(engine, frames, fps, n_frames, os.path.join(profile_dir, name))
     after = engine.stats()
     peak = torch.cuda.max_memory_allocated()
     out = {
@@ -226,6 +261,8 @@ def main(argv=None) -> int:
     p.add_argument("--native", default="", help="native path at these video lengths (s), e.g. 2,16")
     p.add_argument("--kernel", default="auto", choices=["auto", "triton", "torch"])
     p.add_argument("--no-warmup", action="store_true")
+    p.add_argument("--profile", action="store_true",
+                   help="at each stream's end, profile a chunk, a question, a 32-token answer and ask_choice (tables in --out)")
     p.add_argument("--arch", default="qwen2_5_vl-3b", choices=sorted(REAL_CONFIGS),
                    help="the architecture (random weights)")
     args = p.parse_args(argv)
@@ -239,7 +276,8 @@ def main(argv=None) -> int:
     proc = build_processor(args.arch.split("-")[0])
     fast = StreamConfig(attention_kernel=args.kernel)
     for name in filter(None, args.streams.split(",")):
-        res[name] = run_stream(model, proc, name, fast, warm=not args.no_warmup)
+        res[name] = run_stream(model, proc, name, fast, warm=not args.no_warmup,
+                               profile_dir=args.out if args.profile else None)
         res[name]["floors"] = floors(res["ceilings"], model, res[name]["cache_tokens"])
         json.dump(res, open(os.path.join(args.out, "bench_stream.json"), "w"), indent=1)
     for name in filter(None, args.eager_seconds.split(",")):

@@ -84,6 +84,34 @@ def sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
+def start_profiler(folder, device):
+    """A torch profiler over the streaming phase (``--profile``), or None."""
+    if not folder:
+        return None
+    acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    # The forwards run on the scheduler's thread, not this one: profile every thread.
+    prof = torch.profiler.profile(activities=acts,
+                                  experimental_config=torch._C._profiler._ExperimentalConfig(profile_all_threads=True))
+    prof.__enter__()
+    return prof
+
+
+def stop_profiler(prof, folder, n: int, wall: float) -> dict | None:
+    """Writes the profile's tables (by device time, by host time) and returns the device-busy summary."""
+    if prof is None:
+        return None
+    prof.__exit__(None, None, None)
+    os.makedirs(folder, exist_ok=True)
+    events = prof.key_averages()
+    with open(os.path.join(folder, f"profile_n{n}.txt"), "w") as f:
+        f.write(f"N = {n}, wall {wall:.2f} s (profiled, so slower than unprofiled runs)\n\n")
+        f.write(events.table(sort_by="self_device_time_total", row_limit=40, max_name_column_width=70))
+        f.write("\n\n")
+        f.write(events.table(sort_by="self_cpu_time_total", row_limit=40, max_name_column_width=70))
+    kernels_s = sum(e.self_device_time_total for e in events) / 1e6
+    return {"wall_s": wall, "device_kernel_s": kernels_s, "device_busy": kernels_s / wall if wall else None}
+
+
 def run_n(model, proc, size: int, n: int, args) -> dict:
     """N streams, one thread each, for ``args.seconds`` of video -> the measurements."""
     device = model.device
@@ -141,12 +169,14 @@ def run_n(model, proc, size: int, n: int, args) -> dict:
     threads = [threading.Thread(target=camera, args=(k,), daemon=True) for k in range(n)]
     for t in threads:
         t.start()
+    profiler = start_profiler(args.profile, device)
     start.wait()
     t0 = time.perf_counter()
     for t in threads:
         t.join()
     sync(device)
     wall = time.perf_counter() - t0
+    profile = stop_profiler(profiler, args.profile, n, wall)
     _, peak = memory(device)
     memory_bytes = pool.reserved_bytes() if pool is not None else sum(e.kv.reserved_bytes() for e in engines)
     all_ttft = [x for t in ttft for x in t]
@@ -163,6 +193,7 @@ def run_n(model, proc, size: int, n: int, args) -> dict:
            "weights_gib": weights / GIB, "kv_memory_gib": memory_bytes / GIB, "peak_gib": peak / GIB,
            "over_weights_and_kv_gib": (peak - weights - memory_bytes) / GIB if peak else None,
            "live_after_warmup_over_weights_and_kv_gib": (live_warm - weights - memory_bytes) / GIB if peak else None,
+           "profile": profile,
            "batching": ({k: v for k, v in pool.stats().items() if not k.startswith("pool_")} if pool else None),
            "errors": errors[:5]}
     for e in engines:
@@ -186,6 +217,7 @@ def main(argv=None) -> int:
     ap.add_argument("--arch", default="qwen2_5_vl-3b", choices=sorted(REAL_CONFIGS),
                     help="the architecture (random weights; with --tiny, the tiny model of its family)")
     ap.add_argument("--json")
+    ap.add_argument("--profile", metavar="DIR", help="profile each N's streaming (torch profiler) and write tables here")
     ap.add_argument("--memory-history", action="store_true",
                     help="record allocations' stacks and report the live memory by where it was allocated")
     args = ap.parse_args(argv)
