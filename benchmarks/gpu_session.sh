@@ -23,6 +23,7 @@ stage() {  # stage NAME SECONDS COMMAND...
 for s in "$@"; do
   case $s in
     gpu-tests) stage gpu-tests 240 python3 -m pytest -q -p no:cacheprovider tests/test_gpu_fast_path.py ;;
+    gpu-pool-tests) stage gpu-pool-tests 100 python3 -m pytest -q -p no:cacheprovider tests/test_gpu_fast_path.py -k "pooled or share_a_pool" ;;
     lifetime) stage lifetime 150 python3 benchmarks/bench_lifetime.py --arch qwen2_5_vl-3b --seconds 6 --json "$OUT/lifetime.json" ;;
     q3-8b) stage q3-8b 240 python3 benchmarks/bench_stream.py --arch qwen3_vl-8b --streams fast60 --out "$OUT/q3_8b" ;;
     q3-2b) stage q3-2b 180 python3 benchmarks/bench_stream.py --arch qwen3_vl-2b --streams fast60 --out "$OUT/q3_2b" ;;

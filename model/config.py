@@ -118,9 +118,16 @@ class PoolConfig:
     max_batch_tokens: int = 8192  # language-model rows per batched forward (one segment always goes, however long)
     max_batch_segments: int = 128  # segments per batched forward
     max_vision_patches: int = 65_536  # vision patches per batched vision forward (one request always goes)
+    batch_graphs: bool = True  # CUDA graphs of batches of token segments (questions, decode steps): ``batch_graphs.py``
+    max_graph_rows: int = 256  # ... of at most this many rows
+    max_graph_segments: int = 32  # ... and segments
+    max_graphs: int = 64  # buckets captured at most (a batch of a bucket beyond them runs eagerly)
 
     def __post_init__(self) -> None:
-        for name in ("tokens", "page", "max_batch_tokens", "max_batch_segments", "max_vision_patches"):
+        if not isinstance(self.batch_graphs, bool):
+            raise TypeError(f"PoolConfig.batch_graphs must be a bool, got {self.batch_graphs!r}")
+        for name in ("tokens", "page", "max_batch_tokens", "max_batch_segments", "max_vision_patches", "max_graph_rows",
+                     "max_graph_segments", "max_graphs"):
             value = getattr(self, name)
             if not _is_int(value):
                 raise TypeError(f"PoolConfig.{name} must be an int, got {value!r}")
@@ -138,6 +145,11 @@ class PoolConfig:
     @property
     def pages(self) -> int:
         return self.tokens // self.page
+
+    @property
+    def scratch_tokens(self) -> int:
+        """Slots past the pages where captured batches' padding rows write (``batch_graphs``), whole pages."""
+        return -(-self.max_graph_rows // self.page) * self.page if self.batch_graphs else 0
 
 
 def resolve_config(config: Optional[StreamConfig], **overrides) -> StreamConfig:

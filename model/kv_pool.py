@@ -57,9 +57,12 @@ class KVPool:
         self.page = self.config.page
         layers, heads, dim = self.shape
         capacity = self.config.pages * self.page
-        shape = (1, heads, capacity, dim)
+        # past the pages: scratch slots, where the padding rows of captured batches write (``batch_graphs``)
+        scratch = self.config.scratch_tokens
+        shape = (1, heads, capacity + scratch, dim)
         self.buffers = tuple((_zeroed(shape, self.dtype, self.device), _zeroed(shape, self.dtype, self.device))
                              for _ in range(layers))  # ((K, V), ...) per layer: allocated here, never again
+        self.scratch = torch.arange(capacity, capacity + scratch, device=self.device)  # (scratch,) slot indices
         self.allocations = 1
         # the owner of each page (-1: free): the one record of who owns what. A stream's page table may lag
         # behind it (an interrupt between taking pages and mapping them): ``reconcile`` repairs that
@@ -68,7 +71,7 @@ class KVPool:
         self._lock = threading.Lock()
         from .scheduler import Scheduler
 
-        self.scheduler = Scheduler(model, self.buffers, self.config)
+        self.scheduler = Scheduler(model, self.buffers, self.config, self.scratch)
 
     @classmethod
     def for_model(cls, model, tokens: int = 65_536, **settings) -> "KVPool":
@@ -122,7 +125,8 @@ class KVPool:
         return 2 * layers * heads * dim * self.buffers[0][0].element_size()
 
     def reserved_bytes(self) -> int:
-        return self.capacity * self.nbytes_per_token()
+        """The pool's K/V memory (its pages and the scratch slots)."""
+        return self.buffers[0][0].shape[2] * self.nbytes_per_token() if self.buffers[0][0].numel() else 0
 
     def stats(self) -> dict:
         """The pool's size and use, and its scheduler's batching."""
@@ -133,7 +137,7 @@ class KVPool:
     def close(self) -> None:
         """Stop the scheduler's thread and free the pool's K/V memory now (calls on the pool's streams raise
         afterwards). Without ``close`` the memory goes with the last reference to the pool."""
-        self.scheduler.stop()
+        self.scheduler.stop()  # (its captured batches go with it)
         # empty buffers of the same dtype in their place: whatever still holds the pool (an app object in a reference
         # cycle, a closed engine) no longer holds its memory, and any use of it fails loudly
         self.buffers = tuple((k.new_empty(0), v.new_empty(0)) for k, v in self.buffers)

@@ -67,6 +67,7 @@ class PagedMask:
 
     segments: tuple[PagedSegment, ...]
     page: int
+    static: Optional[dict] = None  # a captured batch (``batch_graphs``): the Triton kernel's tables, static buffers
     _derived: dict = field(default_factory=dict, repr=False)  # per forward: dense masks, the Triton tables
 
     @property
@@ -118,6 +119,10 @@ def attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
     from .fast_attention import _stream_kernels as stream_kernels  # imported here: fast_attention imports this module
 
     _, hq, total, d = query.shape
+    if mask.static is not None:  # every segment on the Triton kernel; padding rows (no segment's) stay zero
+        out = torch.zeros(1, total, hq, d, dtype=query.dtype, device=query.device)
+        triton_attention.paged_attention(query, key, value, mask.static, scaling, mask.page, out)
+        return out
     out = torch.empty(1, total, hq, d, dtype=query.dtype, device=query.device)
     live = []
     for i, (s, r0) in enumerate(zip(mask.segments, mask.starts)):

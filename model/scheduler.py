@@ -14,6 +14,8 @@ result; the scheduler's thread collects what many streams have pending and runs 
   holds at most ``max_batch_tokens`` rows and ``max_batch_segments`` segments (one request always
   goes), so a question waits behind at most one batch of chunks; vision grids batch among
   themselves (``max_vision_patches``);
+- **graphs**: a batch of token segments (questions, decode steps) is replayed from a CUDA graph
+  of its bucket (``batch_graphs.py``), captured when first met; other batches run eagerly;
 - **failures**: if a batched forward raises, each of its requests is run again alone, so a
   request that fails (a bad input of one stream) fails only its own stream's call, whose
   transaction is then dropped; the others complete. Retrying is safe because a request only
@@ -32,6 +34,7 @@ from typing import Any, Optional
 import torch
 
 from .batch_forward import LMWork, VisionWork, run_lm, run_vision
+from .batch_graphs import BatchGraphs
 from .config import PoolConfig
 
 
@@ -53,8 +56,10 @@ class Request:
 class Scheduler:
     """The batching thread of one ``KVPool`` (started by the first request)."""
 
-    def __init__(self, model, buffers, config: PoolConfig):
+    def __init__(self, model, buffers, config: PoolConfig, scratch: torch.Tensor):
         self.model, self.buffers, self.config = model, buffers, config
+        # batches of token segments replayed from CUDA graphs (on the CPU: the eager stand-in, for the tests)
+        self.graphs = BatchGraphs(model, buffers, config.page, scratch, config, capture=model.device.type == "cuda")
         self._cond = threading.Condition()
         self._queue: list[Request] = []  # in arrival order
         self._thread: Optional[threading.Thread] = None
@@ -130,11 +135,13 @@ class Scheduler:
         c = dict(self._counts)
         c["mean_lm_batch"] = c["lm_segments"] / c["lm_batches"] if c["lm_batches"] else 0.0
         c["mean_vision_batch"] = c["vision_grids"] / c["vision_batches"] if c["vision_batches"] else 0.0
+        c["graph_batches"], c["batch_graphs"] = self.graphs.replays, self.graphs.status()
         return c
 
     def reset_stats(self) -> None:
         """Start counting batches afresh (e.g. after a warm-up)."""
         self._counts = {k: type(v)() for k, v in self._counts.items()}
+        self.graphs.replays = 0
 
     def stop(self, reason: str = "KVPool.close()") -> None:
         """End the thread; queued requests fail with RuntimeError."""
@@ -145,6 +152,7 @@ class Scheduler:
             thread = self._thread
         if thread is not None and thread is not threading.current_thread():
             thread.join()
+        self.graphs.release()
 
     # -- the scheduler's thread ----------------------------------------------------------
     def _loop(self) -> None:
@@ -226,7 +234,8 @@ class Scheduler:
     def _execute(self, works: list) -> list:
         if isinstance(works[0], VisionWork):
             return run_vision(self.model, works, self._layouts)
-        return run_lm(self.model, self.buffers, self.config.page, works)
+        replayed = self.graphs.run(works)
+        return replayed if replayed is not None else run_lm(self.model, self.buffers, self.config.page, works)
 
     def _run(self, batch: list[Request]) -> None:
         works = [r.work for r in batch]

@@ -165,8 +165,9 @@ if triton is not None:
         kv_len = tl.load(SegLen + seg)
         rows = mb * BM + tl.arange(0, BM)  # folded rows of the segment: (head in group, token)
         row_ok = rows < G * n
-        qh = h * G + rows // n
-        t = rows % n
+        n1 = tl.maximum(n, 1)  # a captured batch's padding segments have no rows (n = 0)
+        qh = h * G + rows // n1
+        t = rows % n1
         d = tl.arange(0, D)
         q = tl.load(Q + qh[:, None].to(tl.int64) * sqh + (row0 + t)[:, None].to(tl.int64) * sqt + d[None, :] * sqd,
                     mask=row_ok[:, None], other=0.0)
@@ -238,9 +239,10 @@ if triton is not None:
             w = tl.exp(tl.load(Lse + base, mask=row_ok, other=float("-inf")) - top)
             total += w
             acc += w[:, None] * tl.load(Acc + base[:, None] * D + d[None, :], mask=row_ok[:, None], other=0.0)
-        out = acc / total[:, None]
-        qh = h * G + rows // n
-        t = row0 + rows % n
+        out = acc / tl.where(row_ok, total, 1.0)[:, None]
+        n1 = tl.maximum(n, 1)
+        qh = h * G + rows // n1
+        t = row0 + rows % n1
         tl.store(Out + t[:, None].to(tl.int64) * sot + qh[:, None] * soh + d[None, :] * sod,
                  out.to(Out.dtype.element_ty), mask=row_ok[:, None])
 
@@ -254,14 +256,15 @@ def paged_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     block table ``table`` (S, pages) int32 (local page -> pool page) and ``rank`` (S, pages * page) int32 over its
     local slots (0 kept, k >= 1 its k-th new token, -1 nothing); ``branch`` (N,) int32 choice-branch starts or
     None. ``page`` must be the key block (keys of one step lie in one page). Writes the segments' rows of
-    ``out`` (1, N, Hq, D).
+    ``out`` (1, N, Hq, D). A captured batch (``batch_graphs``) also gives ``bm``, ``splits`` and ``blocks`` (each
+    program's segment and row block, padded with programs of a segment with no rows).
     """
     _, hq, total, d = query.shape
     hkv = key.shape[1]
     g = hq // hkv
     assert d & (d - 1) == 0 and d >= 16, f"head dim {d} must be a power of two >= 16"
     counts = tables["n_list"]  # host copies: no sync
-    bm = launch_config(g * max(counts))[0]
+    bm = tables.get("bm") or launch_config(g * max(counts))[0]  # (a captured batch fixes bm, blocks and splits)
     if "blocks" not in tables:  # (segment, row block) of each program; the same in every layer
         per_seg = [-(-g * n // bm) for n in counts]
         seg_of = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(per_seg))
@@ -269,7 +272,7 @@ def paged_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
         tables["blocks"] = (seg_of.to(torch.int32).to(query.device), block_m.to(torch.int32).to(query.device))
     seg_of, block_m = tables["blocks"]
     blocks = seg_of.numel()
-    splits = splits or splits_for(g * sum(counts), hkv, tables["max_length"], query.device, bm)
+    splits = splits or tables.get("splits") or splits_for(g * sum(counts), hkv, tables["max_length"], query.device, bm)
     mt = g * total
     acc = torch.empty(splits, hkv, mt, d, dtype=torch.float32, device=query.device)
     lse = torch.full((splits, hkv, mt), float("-inf"), dtype=torch.float32, device=query.device)

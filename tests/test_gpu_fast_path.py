@@ -79,3 +79,33 @@ def test_graphs_of_several_streams_share_a_pool_and_survive_growth(cuda_tiny):
                             b.stop_ids)
     assert long.token_ids == ref_a.token_ids and ans_b.token_ids == ref_b.token_ids
     assert (ans_b.first_logits - ref_b.first_logits).abs().max() <= 1e-4
+
+
+def test_pooled_streams_with_captured_batches_equal_each_alone(cuda_tiny):
+    """Three pooled streams from threads (questions and decode steps replayed from the pool's CUDA graphs, padding rows
+    in scratch slots) each equal the same stream on its own engine; the graphs were captured and replayed."""
+    import threading
+
+    from model import KVPool, StreamConfig
+    from tests.test_pool import CONFIGS, close, run, same_stream, script
+
+    model, proc = cuda_tiny
+    pool = KVPool.for_model(model, tokens=4096, page=16, batch_window_ms=20.0, max_wait_ms=100.0)
+    configs = [StreamConfig(**CONFIGS[c]) for c in ("unbounded", "budget-recall", "window")]
+    engines = [VideoStreamInference(model, proc, config=cfg, pool=pool) for cfg in configs]
+    ops = [script(500 + k) for k in range(3)]
+    results = [None] * 3
+    threads = [threading.Thread(target=lambda k=k: results.__setitem__(k, [run(engines[k], op) for op in ops[k]]))
+               for k in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    st = pool.stats()
+    assert st["graph_batches"] > 0 and st["batch_graphs"].startswith("on"), st
+    for k, cfg in enumerate(configs):
+        alone = VideoStreamInference(model, proc, config=cfg)
+        for op, got in zip(ops[k], results[k]):
+            assert close(got, run(alone, op)), (k, op)
+        same_stream(engines[k], alone)
+    pool.close()

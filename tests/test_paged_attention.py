@@ -100,6 +100,7 @@ for t in threads:
 for t in threads:
     t.join()
 assert pool.stats()["max_lm_segments"] > 1, pool.stats()
+assert pool.stats()["graph_batches"] > 0, pool.stats()  # questions and decode steps replayed (the CPU stand-in)
 for k, cfg in enumerate(configs):
     alone = VideoStreamInference(model, proc, config=cfg.replace(attention_kernel="torch"))
     for op, got in zip(ops[k], results[k]):

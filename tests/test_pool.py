@@ -262,7 +262,39 @@ def test_a_host_pool_costs_what_is_written_not_its_size(tiny):
         pytest.skip("needs Linux's /proc to read resident memory")
     before = resident_mib()
     pool = KVPool.for_model(tiny[0], tokens=2**21)  # 2M tokens x 512 bytes: 1 GiB of K/V
-    assert pool.reserved_bytes() == 2**30
+    assert pool.capacity * pool.nbytes_per_token() == 2**30  # + the scratch slots of captured batches
+    assert pool.reserved_bytes() == (2**21 + pool.scratch.numel()) * pool.nbytes_per_token()
     assert resident_mib() - before < 64
     assert all(float(t.abs().max()) == 0 for t in (pool.buffers[0][0][0, :, :4096], pool.buffers[-1][1][0, :, -4096:]))
     pool.close()
+
+
+def test_only_batches_of_questions_and_decode_steps_on_the_triton_kernel_are_captured(tiny):
+    """``BatchGraphs.bucket``: token segments needing their last row's logits, every one on the Triton kernel, within
+    the row and segment caps; padding rows have scratch slots past the pool's pages, which no stream can own."""
+    from types import SimpleNamespace as NS
+
+    pool = KVPool.for_model(tiny[0], tokens=1024, page=16, max_graph_rows=64, max_graph_segments=4)
+    graphs = pool.scheduler.graphs
+
+    def work(n=3, kind="ids", logits="last", tree=None, live=True, pages=2):
+        seg = NS(n=n, tree=tree, on_query=None, live=live, table=torch.zeros(pages, dtype=torch.int32))
+        return NS(kind=kind, logits=logits, deepstack=None, segment=seg, n=n)
+
+    from model.triton_attention import launch_config
+
+    # rows and segments to powers of two, >= 16 pages, the kernel's row block of the longest segment
+    assert graphs.bucket([work(), work(n=1)]) == (4, 2, 16, launch_config(graphs.group * 3)[0])
+    assert graphs.bucket([work(n=1)] * 3)[:3] == (4, 4, 16)
+    assert graphs.bucket([work(pages=40)])[2] == 64
+    for bad in (work(kind="embeds"), work(kind="probe"), work(logits="all", tree=(2, 3)), work(live=False),
+                work(n=65)):
+        assert graphs.bucket([work(), bad]) is None, bad
+    assert graphs.bucket([work(n=1)] * 5) is None  # more segments than max_graph_segments
+    assert pool.scratch.numel() >= 64 and int(pool.scratch.min()) >= pool.capacity
+    assert pool.buffers[0][0].shape[2] == pool.capacity + pool.scratch.numel()
+    pool.close()
+    assert graphs.bucket([work()]) is None  # a closed pool's graphs are gone
+    off = KVPool.for_model(tiny[0], tokens=1024, page=16, batch_graphs=False)
+    assert off.scratch.numel() == 0 and off.scheduler.graphs.bucket([work()]) is None
+    off.close()

@@ -206,7 +206,8 @@ def test_healthz_and_metrics(server):
              "vsq_ingest_queue_frames", "vsq_memory_reserved_bytes", "vsq_engine_ttft_seconds_count"]
     if app.state.registry.pool is not None:
         names += ["vsq_pool_tokens ", "vsq_pool_free_tokens ", "vsq_scheduler_queue ", "vsq_pool_lm_batches_total ",
-                  "vsq_pool_lm_segments_total ", "vsq_pool_vision_batches_total ", "vsq_pool_vision_grids_total "]
+                  "vsq_pool_lm_segments_total ", "vsq_pool_vision_batches_total ", "vsq_pool_vision_grids_total ",
+                  "vsq_pool_graph_batches_total "]
     for name in names:
         assert name in text, name
     assert "<title>" in httpx.get(f"{url}/").text

@@ -95,7 +95,8 @@ class _Present:
             for key, help_ in (("lm_batches", "Batched language-model forwards run"),
                                ("lm_segments", "Sessions' segments run in them"),
                                ("vision_batches", "Batched vision-tower forwards run"),
-                               ("vision_grids", "Frame-pair grids encoded in them")):
+                               ("vision_grids", "Frame-pair grids encoded in them"),
+                               ("graph_batches", "Batches of questions and decode steps replayed from CUDA graphs")):
                 yield CounterMetricFamily(f"vsq_pool_{key}", help_, value=st[key])
         device = reg.model.device
         if device.type == "cuda":

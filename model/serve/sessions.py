@@ -194,17 +194,19 @@ class SessionRegistry:
         self.pool: Optional[KVPool] = None
         if config.pooled:
             # the sessions' caches, allocated once, here: the budget is the pool
-            tokens = config.pool_tokens or budget // self.memory.kv_bytes_per_token
+            # (less the scratch slots of its captured batches, so that the pool's memory stays within the budget)
+            tokens = config.pool_tokens or budget // self.memory.kv_bytes_per_token - PoolConfig().scratch_tokens
             if tokens < PoolConfig.page:
                 raise ValueError(f"a memory budget of {budget} bytes holds {tokens} tokens of K/V, less than one page "
                                  f"of the pool ({PoolConfig.page}): raise --memory-gib or set --pool-tokens")
             self.pool = KVPool.for_model(model, tokens=tokens)
-            budget = self.pool.reserved_bytes()
+            budget = self.pool.capacity * self.pool.nbytes_per_token()  # its pages (not its scratch slots)
         self.admission = Admission(budget, config.max_sessions, config.retry_after_s,
                                    cuda_device=model.device if cuda and self.pool is None else None)
         warm = cuda if config.warmup is None else config.warmup
-        # a pooled session captures no graphs of its own (the scheduler's forwards run eagerly): the pool is warmed
-        # up once, here, so that no session's first call compiles a kernel
+        # a pooled session captures no graphs of its own (the scheduler runs its forwards, replaying captured batches
+        # of questions and decode steps): the pool is warmed up once, here, so that no session's first call compiles
+        # a kernel
         self.warmup = self.pool is None and warm
         if self.pool is not None and warm:
             self._warm_pool()
