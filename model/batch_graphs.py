@@ -12,7 +12,7 @@ block table names; padding segments have no rows and no keys, and padding progra
 belong to a padding segment. Only the Triton kernel takes static tables, so only batches whose
 segments all run it (``PagedSegment.live``) and that need the last row's logits (questions, decode
 steps; not choices' trees, probes or chunks' embeddings) are captured; the rest run eagerly
-(``batch_forward.run_lm``). Captures happen when a bucket is first met, on the scheduler's thread,
+(``batch_forward.run_lm``). Captures happen when a bucket is first met, on the scheduler's language-model thread,
 with padding only (nothing any stream owns is written); a failed capture turns the graphs off.
 Replays equal the eager batch to rounding (the split-K ranges differ).
 """

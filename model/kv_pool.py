@@ -135,7 +135,7 @@ class KVPool:
                 "pool_allocations": self.allocations, **self.scheduler.stats()}
 
     def close(self) -> None:
-        """Stop the scheduler's thread and free the pool's K/V memory now (calls on the pool's streams raise
+        """Stop the scheduler's threads and free the pool's K/V memory now (calls on the pool's streams raise
         afterwards). Without ``close`` the memory goes with the last reference to the pool."""
         self.scheduler.stop()  # (its captured batches go with it)
         # empty buffers of the same dtype in their place: whatever still holds the pool (an app object in a reference

@@ -3,17 +3,20 @@
 Engine calls stay as they are: each runs in its caller's thread, under its own stream's lock, as
 its own transaction (``transaction.py``). In a pooled stream, ``SegmentWriter`` hands each
 language-model segment and each vision grid to the pool's ``Scheduler`` and waits for its own
-result; the scheduler's thread collects what many streams have pending and runs it batched
+result; the scheduler's threads collect what many streams have pending and run it batched
 (``batch_forward.py``):
 
 - **gathering**: after a request arrives it waits for more, until none has come for
   ``PoolConfig.batch_window_ms``, at most ``max_wait_ms`` after the first, and not at all once
   every stream of the last batch has submitted again (a decode loop of B streams runs at the
   pace of the B-th) or a batch is full;
+- **lanes**: language-model work and vision grids each have their own thread (and on a GPU the
+  vision lane its own CUDA stream), so the two kinds of batch run beside each other and a question
+  never waits behind a vision batch;
 - **order**: questions, decode steps, choices and recall probes go before video chunks; a batch
   holds at most ``max_batch_tokens`` rows and ``max_batch_segments`` segments (one request always
-  goes), so a question waits behind at most one batch of chunks; vision grids batch among
-  themselves (``max_vision_patches``);
+  goes), so a question waits behind at most one language-model batch of chunks; vision grids batch
+  among themselves (``max_vision_patches``);
 - **graphs**: a batch of token segments (questions, decode steps) is replayed from a CUDA graph
   of its bucket (``batch_graphs.py``), captured when first met; other batches run eagerly;
 - **failures**: if a batched forward raises, each of its requests is run again alone, so a
@@ -38,6 +41,13 @@ from .batch_graphs import BatchGraphs
 from .config import PoolConfig
 
 
+LM, VISION = "lm", "vision"  # the scheduler's lanes: one thread each
+
+
+def _lane(request) -> str:
+    return VISION if isinstance(request.work, VisionWork) else LM
+
+
 class Request:
     """One work of one stream, waiting for the scheduler (``finished`` is set when it is done or cancelled)."""
 
@@ -54,7 +64,7 @@ class Request:
 
 
 class Scheduler:
-    """The batching thread of one ``KVPool`` (started by the first request)."""
+    """The batching threads of one ``KVPool`` (a language-model lane and a vision lane, started by the first request)."""
 
     def __init__(self, model, buffers, config: PoolConfig, scratch: torch.Tensor):
         self.model, self.buffers, self.config = model, buffers, config
@@ -62,15 +72,17 @@ class Scheduler:
         self.graphs = BatchGraphs(model, buffers, config.page, scratch, config, capture=model.device.type == "cuda")
         self._cond = threading.Condition()
         self._queue: list[Request] = []  # in arrival order
-        self._thread: Optional[threading.Thread] = None
+        self._threads: dict[str, threading.Thread] = {}  # one per lane: "lm", "vision"
         self._paused = 0
         self._stopped: Optional[str] = None
-        self._expect: set[int] = set()  # owners of the last batch: when all have submitted again, go at once
-        self._last_arrival = 0.0
+        self._expect: dict[str, set[int]] = {LM: set(), VISION: set()}  # per lane, owners of its last batch: when all
+        # have submitted again, go at once
+        self._last_arrival = {LM: 0.0, VISION: 0.0}
         self._layouts: dict = {}  # the vision tower's precomputed layout per tuple of grids (``run_vision``)
         self._counts = {"lm_batches": 0, "lm_segments": 0, "lm_rows": 0, "max_lm_segments": 0, "vision_batches": 0,
                         "vision_grids": 0, "max_vision_grids": 0, "failed_batches": 0, "lm_host_s": 0.0,
-                        "vision_host_s": 0.0, "idle_s": 0.0}  # host seconds: issuing batches, waiting for work
+                        "vision_host_s": 0.0, "idle_s": 0.0, "vision_idle_s": 0.0}  # host seconds: issuing batches,
+        # waiting for work (each lane's thread)
 
     # -- the callers' side ---------------------------------------------------------------
     def submit(self, work, owner) -> Any:
@@ -82,11 +94,13 @@ class Scheduler:
                 raise RuntimeError(f"the KV pool's scheduler is stopped ({self._stopped}): make a new KVPool")
             owner.last_request = request  # the stream's next call waits for it, whatever happens to this one
             self._queue.append(request)
-            self._last_arrival = request.t
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._loop, name="kv-pool-scheduler", daemon=True)
-                self._thread.start()
-            self._cond.notify()
+            self._last_arrival[_lane(request)] = request.t
+            if not self._threads:
+                for lane in (LM, VISION):
+                    self._threads[lane] = threading.Thread(target=self._loop, args=(lane,), daemon=True,
+                                                           name=f"kv-pool-scheduler-{lane}")
+                    self._threads[lane].start()
+            self._cond.notify_all()
         try:
             request.finished.wait()
         except BaseException:
@@ -121,7 +135,7 @@ class Scheduler:
         finally:
             with self._cond:
                 self._paused -= 1
-                self._cond.notify()
+                self._cond.notify_all()
 
     def pending(self) -> int:
         """Requests waiting for a batch."""
@@ -130,8 +144,8 @@ class Scheduler:
 
     def stats(self) -> dict:
         """Batches run so far: counts and mean sizes (segments per language-model batch, grids per vision batch), and
-        the scheduler thread's host time issuing each kind and waiting for work (on a GPU, issuing is not
-        finishing: a busy thread with an idle GPU means launch-bound)."""
+        each lane's host time issuing its batches and waiting for work (``idle_s``: the language model's lane; on a
+        GPU, issuing is not finishing: a busy thread with an idle GPU means launch-bound)."""
         c = dict(self._counts)
         c["mean_lm_batch"] = c["lm_segments"] / c["lm_batches"] if c["lm_batches"] else 0.0
         c["mean_vision_batch"] = c["vision_grids"] / c["vision_batches"] if c["vision_batches"] else 0.0
@@ -149,74 +163,83 @@ class Scheduler:
             if self._stopped is None:
                 self._stopped = reason
             self._cond.notify_all()
-            thread = self._thread
-        if thread is not None and thread is not threading.current_thread():
-            thread.join()
+            threads = list(self._threads.values())
+        for thread in threads:
+            if thread is not threading.current_thread():
+                thread.join()
         self.graphs.release()
 
-    # -- the scheduler's thread ----------------------------------------------------------
-    def _loop(self) -> None:
+    # -- the scheduler's threads ---------------------------------------------------------
+    def _loop(self, lane: str) -> None:
         torch.set_grad_enabled(False)  # per thread
+        stream = None
         if self.model.device.type == "cuda":
             torch.cuda.set_device(self.model.device)
+            if lane == VISION:  # its own CUDA stream: vision batches run beside the language model's, not before them
+                stream = torch.cuda.Stream(self.model.device)
         try:
             while True:
                 t0 = time.perf_counter()
-                batch = self._next_batch()
+                batch = self._next_batch(lane)
                 if batch is None:
                     return
                 t1 = time.perf_counter()
-                self._run(batch)
-                kind = "lm_host_s" if isinstance(batch[0].work, LMWork) else "vision_host_s"
-                self._counts["idle_s"] += t1 - t0
-                self._counts[kind] += time.perf_counter() - t1
+                self._run(batch, stream)
+                self._counts["idle_s" if lane == LM else "vision_idle_s"] += t1 - t0
+                self._counts["lm_host_s" if lane == LM else "vision_host_s"] += time.perf_counter() - t1
         finally:
             with self._cond:
-                self._stopped = self._stopped or "its thread ended"
+                self._stopped = self._stopped or f"its {lane} thread ended"
                 for request in self._queue:
                     request.error = RuntimeError(f"the KV pool's scheduler stopped ({self._stopped})")
                     request.state = "cancelled"
                     request.finished.set()
                 self._queue = []
+                self._cond.notify_all()
 
-    def _next_batch(self) -> Optional[list[Request]]:
+    def _next_batch(self, lane: str) -> Optional[list[Request]]:
         cfg = self.config
         with self._cond:
             while True:
                 self._queue = [r for r in self._queue if r.state == "queued"]  # (an interrupted cancel's leftovers)
-                while self._stopped is None and (not self._queue or self._paused):
+                while self._stopped is None and (not self._mine(lane) or self._paused):
                     self._cond.wait()
                 if self._stopped is not None:
                     return None
-                first = self._queue[0].t
-                while self._stopped is None and not self._paused and not self._ready():
+                first = self._mine(lane)[0].t
+                while self._stopped is None and not self._paused and not self._ready(lane):
                     now = time.perf_counter()
-                    deadline = min(first + cfg.max_wait_ms / 1e3, self._last_arrival + cfg.batch_window_ms / 1e3)
+                    deadline = min(first + cfg.max_wait_ms / 1e3, self._last_arrival[lane] + cfg.batch_window_ms / 1e3)
                     if now >= deadline:
                         break
                     self._cond.wait(deadline - now)
                 if self._stopped is None and not self._paused:
-                    batch = self._pick()
+                    batch = self._pick(lane)
                     if batch:
                         return batch
 
-    def _ready(self) -> bool:
-        """Go now: every stream of the last batch has submitted again, or a batch is full."""
-        owners = {r.owner for r in self._queue}
-        if self._expect and self._expect <= owners:
-            return True
-        lm = [r for r in self._queue if not isinstance(r.work, VisionWork)]
-        return len(lm) >= self.config.max_batch_segments or sum(r.n for r in lm) >= self.config.max_batch_tokens
+    def _mine(self, lane: str) -> list[Request]:
+        """The queued requests of a lane, in arrival order."""
+        return [r for r in self._queue if r.state == "queued" and _lane(r) == lane]
 
-    def _pick(self) -> list[Request]:
-        """The next batch: the group of the most urgent (then oldest) request, in that order, within the caps."""
+    def _ready(self, lane: str) -> bool:
+        """Go now: every stream of the lane's last batch has submitted again, or a batch is full."""
+        mine = self._mine(lane)
+        expect = self._expect[lane]
+        if expect and expect <= {r.owner for r in mine}:
+            return True
+        if lane == VISION:
+            return sum(r.n for r in mine) >= self.config.max_vision_patches
+        return len(mine) >= self.config.max_batch_segments or sum(r.n for r in mine) >= self.config.max_batch_tokens
+
+    def _pick(self, lane: str) -> list[Request]:
+        """The lane's next batch: the group of the most urgent (then oldest) request, in that order, within the caps."""
         cfg = self.config
-        order = sorted((r for r in self._queue if r.state == "queued"), key=lambda r: (not r.urgent, r.t))
+        order = sorted(self._mine(lane), key=lambda r: (not r.urgent, r.t))
         if not order:
             return []
         group = order[0].group
-        vision = group[0] == "vision"
-        cap = cfg.max_vision_patches if vision else cfg.max_batch_tokens
+        cap = cfg.max_vision_patches if lane == VISION else cfg.max_batch_tokens
         batch, rows = [], 0
         for r in order:
             if r.group != group:
@@ -228,7 +251,7 @@ class Scheduler:
         for r in batch:
             self._queue.remove(r)
             r.state = "running"
-        self._expect = {r.owner for r in batch}
+        self._expect[lane] = {r.owner for r in batch}
         return batch
 
     def _execute(self, works: list) -> list:
@@ -237,11 +260,11 @@ class Scheduler:
         replayed = self.graphs.run(works)
         return replayed if replayed is not None else run_lm(self.model, self.buffers, self.config.page, works)
 
-    def _run(self, batch: list[Request]) -> None:
+    def _run(self, batch: list[Request], stream=None) -> None:
         works = [r.work for r in batch]
         try:
             try:
-                results = self._execute(works)
+                results = self._execute(works) if stream is None else self._on_stream(stream, works)
                 for r, out in zip(batch, results):
                     r.result = out
             except Exception as e:  # noqa: BLE001 (each request is retried alone: only the failing ones fail)
@@ -251,7 +274,8 @@ class Scheduler:
                     self._counts["failed_batches"] += 1
                     for r in batch:
                         try:
-                            r.result = self._execute([r.work])[0]
+                            r.result = (self._execute([r.work]) if stream is None else
+                                        self._on_stream(stream, [r.work]))[0]
                         except Exception as alone:  # noqa: BLE001 (handed to that request's caller)
                             r.error = alone
             self._count(works)
@@ -259,6 +283,19 @@ class Scheduler:
             for r in batch:
                 r.state = "done"
                 r.finished.set()
+
+    def _on_stream(self, stream, works: list) -> list:
+        """Vision works on the lane's own CUDA stream -> their outputs, complete and safe to use on the callers' stream."""
+        callers = torch.cuda.default_stream(stream.device)
+        stream.wait_stream(callers)  # the callers' patches are ready
+        with torch.cuda.stream(stream):
+            outs = self._execute(works)
+        for out in outs:  # (the allocator must not reuse their memory for this stream while the callers read it)
+            for t in (out.embeds, out.deepstack):
+                if t is not None:
+                    t.record_stream(callers)
+        stream.synchronize()
+        return outs
 
     def _count(self, works: list) -> None:
         c = self._counts

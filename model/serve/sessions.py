@@ -340,7 +340,7 @@ class SessionRegistry:
         self._decoder.shutdown(wait=False)
         self._opener.shutdown(wait=False)
         if self.pool is not None:
-            self.pool.close()  # the scheduler's thread ends and the pool's memory is freed now
+            self.pool.close()  # the scheduler's threads end and the pool's memory is freed now
 
 
 def stream_config(config: ServerConfig, settings: SessionSettings) -> StreamConfig:
