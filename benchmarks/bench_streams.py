@@ -136,6 +136,8 @@ def run_n(model, proc, size: int, n: int, args) -> dict:
     t0 = time.perf_counter()
     for e in engines:
         e.warmup((size, size), CHUNK, fps=FPS, capacity=None if args.pool else args.budget + 2 * chunk_tokens)
+    if pool is not None:  # the captured batches of decode steps and questions
+        pool.warm_graphs(streams=n, tokens=per_stream)
     warm_s = time.perf_counter() - t0
     live_warm = memory(device)[0]
     if pool is not None:

@@ -34,6 +34,15 @@ def _pow2(x: int, least: int = 1) -> int:
     return max(least, 1 << max(0, x - 1).bit_length())
 
 
+def _pages(x: int) -> int:
+    """The pages bucket: 16, 64, 256, ... (a wider table costs only its buffer; the kernel scans each segment's own
+    length)."""
+    p = 16
+    while p < x:
+        p *= 4
+    return p
+
+
 @dataclass
 class _Static:
     """One bucket's graph and the buffers it reads and writes."""
@@ -86,7 +95,42 @@ class BatchGraphs(_Recorder):
             return None
         pages = max(w.segment.table.numel() for w in works)
         block = launch_config(self.group * max(w.n for w in works))[0]
-        return _pow2(rows), _pow2(len(works)), _pow2(pages, 16), block
+        return _pow2(rows), _pow2(len(works)), _pages(pages), block
+
+    def keys(self, streams: int, tokens: int, question_tokens: int = 32) -> list[tuple]:
+        """The buckets of decode steps of 1, 2, 4, ... up to ``streams`` streams and of 1, 2, 4 questions of up to
+        ``question_tokens`` tokens, for streams of up to ``tokens`` slots (every pages bucket up to theirs)."""
+        cfg, out = self.config, []
+        most = min(streams, cfg.max_graph_segments)
+        pages, p = [], 16
+        while True:
+            pages.append(p)
+            if p >= -(-tokens // self.page):
+                break
+            p *= 4
+        for p in pages:
+            s = 1
+            while s <= _pow2(most):
+                out.append((s, s, p, launch_config(self.group)[0]))
+                if s <= 4 and s * question_tokens <= cfg.max_graph_rows:
+                    out.append((_pow2(s * question_tokens), s, p, launch_config(self.group * question_tokens)[0]))
+                s *= 2
+        return out
+
+    @torch.no_grad()
+    def prepare(self, keys: list[tuple]) -> int:
+        """Capture these buckets now (a server's or benchmark's warm-up) -> how many were captured."""
+        done = 0
+        for key in keys:
+            if self.disabled is not None or len(self.graphs) >= self.config.max_graphs:
+                break
+            if key not in self.graphs:
+                try:
+                    self.graphs[key] = self._capture(*key)
+                    done += 1
+                except RuntimeError as e:
+                    self.fail(e)
+        return done
 
     @torch.no_grad()
     def run(self, works: list) -> Optional[list]:

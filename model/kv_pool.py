@@ -134,6 +134,14 @@ class KVPool:
                 "pool_free_pages": self.free_pages, "pool_bytes": self.reserved_bytes(),
                 "pool_allocations": self.allocations, **self.scheduler.stats()}
 
+    def warm_graphs(self, streams: int, tokens: int) -> int:
+        """Capture the CUDA graphs of batched decode steps of up to ``streams`` streams and of a few questions, for
+        streams of up to ``tokens`` slots, now rather than when each is first met (no-op on the CPU) -> how many."""
+        if self.device.type != "cuda":
+            return 0
+        with self.scheduler.paused():
+            return self.scheduler.graphs.prepare(self.scheduler.graphs.keys(streams, tokens))
+
     def close(self) -> None:
         """Stop the scheduler's threads and free the pool's K/V memory now (calls on the pool's streams raise
         afterwards). Without ``close`` the memory goes with the last reference to the pool."""

@@ -93,6 +93,7 @@ def test_pooled_streams_with_captured_batches_equal_each_alone(cuda_tiny):
     pool = KVPool.for_model(model, tokens=4096, page=16, batch_window_ms=20.0, max_wait_ms=100.0)
     configs = [StreamConfig(**CONFIGS[c]) for c in ("unbounded", "budget-recall", "window")]
     engines = [VideoStreamInference(model, proc, config=cfg, pool=pool) for cfg in configs]
+    assert pool.warm_graphs(streams=3, tokens=512) > 0  # captured over padding only, before any stream wrote
     ops = [script(500 + k) for k in range(3)]
     results = [None] * 3
     threads = [threading.Thread(target=lambda k=k: results.__setitem__(k, [run(engines[k], op) for op in ops[k]]))

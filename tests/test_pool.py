@@ -286,7 +286,12 @@ def test_only_batches_of_questions_and_decode_steps_on_the_triton_kernel_are_cap
     # rows and segments to powers of two, >= 16 pages, the kernel's row block of the longest segment
     assert graphs.bucket([work(), work(n=1)]) == (4, 2, 16, launch_config(graphs.group * 3)[0])
     assert graphs.bucket([work(n=1)] * 3)[:3] == (4, 4, 16)
-    assert graphs.bucket([work(pages=40)])[2] == 64
+    assert graphs.bucket([work(pages=40)])[2] == 64 and graphs.bucket([work(pages=65)])[2] == 256
+    keys = graphs.keys(streams=5, tokens=2000)  # 125 pages of 16: buckets of 16, 64 and 256 pages
+    assert {k[2] for k in keys} == {16, 64, 256} and {k[1] for k in keys} == {1, 2, 4}  # (max_graph_segments)
+    assert all(k[0] <= 64 for k in keys) and (1, 1, 16, launch_config(graphs.group)[0]) in keys
+    assert (32, 1, 16, launch_config(graphs.group * 32)[0]) in keys and (64, 2, 256, 64) in keys
+    assert pool.warm_graphs(streams=5, tokens=2000) == 0  # the CPU captures nothing ahead
     for bad in (work(kind="embeds"), work(kind="probe"), work(logits="all", tree=(2, 3)), work(live=False),
                 work(n=65)):
         assert graphs.bucket([work(), bad]) is None, bad

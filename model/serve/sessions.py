@@ -248,6 +248,11 @@ class SessionRegistry:
         side = max(self._factor, int(math.sqrt(min(self._max_pixels, 448 * 448))) // self._factor * self._factor)
         with VideoStreamInference(self.model, self.processor, config=self.config.stream, pool=self.pool) as engine:
             engine.warmup(frame_size=(side, side), chunk_frames=4, fps=2.0, freeze_gc=False)
+        # the captured batches of the sessions' decode steps and questions, at every pages bucket up to a session
+        # of the default budget (others are captured when first met)
+        settings = SessionSettings(fps=2.0, cache_budget_tokens=self.config.bounds.default_budget_tokens)
+        tokens = self.memory.pool_tokens(settings, self.config.limits, self.pool.page)
+        self.pool.warm_graphs(streams=self.config.max_sessions, tokens=tokens)
         self.pool.scheduler.reset_stats()
 
     def _need_bytes(self, settings: SessionSettings) -> int:
