@@ -34,6 +34,8 @@ for s in "$@"; do
     bounded64k) stage bounded64k 120 python3 benchmarks/bench_bounded.py --minutes 10 --budget-tokens 65536 --recall-grids 16 --recall-host-tokens 65536 --compare-recall --out "$OUT/bounded64k" ;;
     streams-prof) stage streams-prof 140 python3 benchmarks/bench_streams.py --streams 16 --seconds 8 --profile "$OUT/streams_prof" --json "$OUT/streams_prof.json" ;;
     exact-3b) stage exact-3b 300 python3 benchmarks/bench_exact.py --arch qwen2_5_vl-3b --long-tokens 30000 --short-points 2 --long-points 1 --json "$OUT/exact_3b.json" ;;
+    streams-short) stage streams-short 330 python3 benchmarks/bench_streams.py --streams 1,8,32,128 --seconds 10 --json "$OUT/streams_pool.json" ;;
+    serve-short) stage serve-short 420 python3 benchmarks/bench_serve.py --sessions 1,8,32 --seconds 15 --max-n 96 --out "$OUT/serve" ;;
     streams) stage streams 540 python3 benchmarks/bench_streams.py --streams 1,8,32,64,128 --seconds 20 --json "$OUT/streams_pool.json" ;;
     streams-realtime) stage streams-realtime 300 python3 benchmarks/bench_streams.py --mode realtime --streams 100 --seconds 30 --json "$OUT/streams_realtime.json" ;;
     streams-q3) stage streams-q3 400 python3 benchmarks/bench_streams.py --arch qwen3_vl-8b --streams 1,8,32 --seconds 20 --json "$OUT/streams_q3_8b.json" ;;
