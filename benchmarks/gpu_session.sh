@@ -23,19 +23,19 @@ stage() {  # stage NAME SECONDS COMMAND...
 for s in "$@"; do
   case $s in
     gpu-tests) stage gpu-tests 240 python3 -m pytest -q -p no:cacheprovider tests/test_gpu_fast_path.py ;;
-    gpu-pool-tests) stage gpu-pool-tests 100 python3 -m pytest -q -p no:cacheprovider tests/test_gpu_fast_path.py -k "pooled or share_a_pool" ;;
+    gpu-pool-tests) stage gpu-pool-tests 80 python3 -m pytest -q -p no:cacheprovider tests/test_gpu_fast_path.py -k "pooled or share_a_pool" ;;
     lifetime) stage lifetime 150 python3 benchmarks/bench_lifetime.py --arch qwen2_5_vl-3b --seconds 6 --json "$OUT/lifetime.json" ;;
     q3-8b) stage q3-8b 240 python3 benchmarks/bench_stream.py --arch qwen3_vl-8b --streams fast60 --out "$OUT/q3_8b" ;;
     q3-2b) stage q3-2b 180 python3 benchmarks/bench_stream.py --arch qwen3_vl-2b --streams fast60 --out "$OUT/q3_2b" ;;
     q3-exact) stage q3-exact 300 python3 benchmarks/bench_exact.py --arch qwen3_vl-8b --long-tokens 10000 --short-points 2 --long-points 1 --json "$OUT/q3_exact.json" ;;
     tune) stage tune 240 python3 benchmarks/tune_attention.py --json "$OUT/tune.json" ;;
     q25-3b) stage q25-3b 300 python3 benchmarks/bench_stream.py --arch qwen2_5_vl-3b --streams fast60,long10 --out "$OUT/q25_3b" ;;
-    q25-3b-prof) stage q25-3b-prof 230 python3 benchmarks/bench_stream.py --arch qwen2_5_vl-3b --streams fast60,long10 --profile --out "$OUT/q25_3b" ;;
+    q25-3b-prof) stage q25-3b-prof 190 python3 benchmarks/bench_stream.py --arch qwen2_5_vl-3b --streams fast60,long10 --profile --out "$OUT/q25_3b" ;;
     bounded64k) stage bounded64k 120 python3 benchmarks/bench_bounded.py --minutes 10 --budget-tokens 65536 --recall-grids 16 --recall-host-tokens 65536 --compare-recall --out "$OUT/bounded64k" ;;
     streams-prof) stage streams-prof 100 python3 benchmarks/bench_streams.py --streams 16 --seconds 8 --profile "$OUT/streams_prof" --json "$OUT/streams_prof.json" ;;
     exact-3b) stage exact-3b 380 python3 benchmarks/bench_exact.py --arch qwen2_5_vl-3b --long-tokens 30000 --short-points 1 --long-points 1 --skip-bf16 --json "$OUT/exact_3b.json" ;;
     streams-short) stage streams-short 330 python3 benchmarks/bench_streams.py --streams 1,8,32,128 --seconds 10 --json "$OUT/streams_pool.json" ;;
-    serve-short) stage serve-short 360 python3 benchmarks/bench_serve.py --sessions 1,8,32 --seconds 15 --max-n 96 --out "$OUT/serve" ;;
+    serve-short) stage serve-short 310 python3 benchmarks/bench_serve.py --sessions 1,8,32 --seconds 15 --max-n 96 --out "$OUT/serve" ;;
     streams) stage streams 540 python3 benchmarks/bench_streams.py --streams 1,8,32,64,128 --seconds 20 --json "$OUT/streams_pool.json" ;;
     streams-realtime) stage streams-realtime 300 python3 benchmarks/bench_streams.py --mode realtime --streams 100 --seconds 30 --json "$OUT/streams_realtime.json" ;;
     streams-q3) stage streams-q3 400 python3 benchmarks/bench_streams.py --arch qwen3_vl-8b --streams 1,8,32 --seconds 20 --json "$OUT/streams_q3_8b.json" ;;
