@@ -70,8 +70,12 @@ def sessions_on_both(url: str) -> dict[str, str]:
     """Create sessions until both replicas hold one -> {replica: session id}."""
     found = {}
     for _ in range(40):
-        sid = httpx.post(f"{url}/v1/sessions", json={"fps": 2.0}, headers=AUTH, timeout=30).json()["id"]
-        found.setdefault(owner(sid), sid)
+        r = httpx.post(f"{url}/v1/sessions", json={"fps": 2.0}, headers=AUTH, timeout=30)
+        assert r.status_code == 201, (r.status_code, r.text)
+        sid = r.json()["id"]
+        if found.setdefault(owner(sid), sid) != sid:  # a second one on a replica: deleted (each replica's memory is
+            # 0.25 GiB, about 30 sessions: the tests must not fill it)
+            assert httpx.delete(f"{url}/v1/sessions/{sid}", headers=header(sid), timeout=30).status_code in (200, 204)
         if len(found) == 2:
             return found
     raise AssertionError(f"40 new sessions all went to {list(found)}")
