@@ -84,10 +84,9 @@ def test_graphs_of_several_streams_share_a_pool_and_survive_growth(cuda_tiny):
 def test_pooled_streams_with_captured_batches_equal_each_alone(cuda_tiny):
     """Three pooled streams from threads (questions and decode steps replayed from the pool's CUDA graphs, padding rows
     in scratch slots) each equal the same stream on its own engine; the graphs were captured and replayed."""
-    import threading
-
     from model import KVPool, StreamConfig
     from tests.test_pool import CONFIGS, close, run, same_stream, script
+    from tests.test_scheduler import drive
 
     model, proc = cuda_tiny
     pool = KVPool.for_model(model, tokens=4096, page=16, batch_window_ms=20.0, max_wait_ms=100.0)
@@ -95,13 +94,7 @@ def test_pooled_streams_with_captured_batches_equal_each_alone(cuda_tiny):
     engines = [VideoStreamInference(model, proc, config=cfg, pool=pool) for cfg in configs]
     assert pool.warm_graphs(streams=3, tokens=512) > 0  # captured over padding only, before any stream wrote
     ops = [script(500 + k) for k in range(3)]
-    results = [None] * 3
-    threads = [threading.Thread(target=lambda k=k: results.__setitem__(k, [run(engines[k], op) for op in ops[k]]))
-               for k in range(3)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    results = drive([lambda k=k: [run(engines[k], op) for op in ops[k]] for k in range(3)])
     st = pool.stats()
     assert st["graph_batches"] > 0 and st["batch_graphs"].startswith("on"), st
     for k, cfg in enumerate(configs):

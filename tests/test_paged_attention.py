@@ -80,11 +80,11 @@ def test_torch_kernels_see_only_each_segments_own_pages():
 
 
 ENGINES = r"""
-import threading
 from model import KVPool, StreamConfig, VideoStreamInference
 from model.testing import build_tiny_model
 from tests.test_pool import CONFIGS, close, run, same_stream, script
 from tests.test_paged_attention import check
+from tests.test_scheduler import drive
 check(live=True)
 model, proc = build_tiny_model()
 pool = KVPool.for_model(model, tokens=2048, page=16, batch_window_ms=20.0, max_wait_ms=100.0)
@@ -92,13 +92,7 @@ configs = [StreamConfig(attention_kernel="triton", **CONFIGS[c]) for c in ("unbo
 engines = [VideoStreamInference(model, proc, config=cfg, pool=pool) for cfg in configs]
 assert all(e.stats()["text_attention"] == "stream_triton" for e in engines)
 ops = [script(300 + k)[:8] for k in range(3)]
-results = [None] * 3
-threads = [threading.Thread(target=lambda k=k: results.__setitem__(k, [run(engines[k], op) for op in ops[k]]))
-           for k in range(3)]
-for t in threads:
-    t.start()
-for t in threads:
-    t.join()
+results = drive([lambda k=k: [run(engines[k], op) for op in ops[k]] for k in range(3)])
 assert pool.stats()["max_lm_segments"] > 1, pool.stats()
 assert pool.stats()["graph_batches"] > 0, pool.stats()  # questions and decode steps replayed (the CPU stand-in)
 for k, cfg in enumerate(configs):
