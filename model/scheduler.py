@@ -51,10 +51,11 @@ def _lane(request) -> str:
 class Request:
     """One work of one stream, waiting for the scheduler (``finished`` is set when it is done or cancelled)."""
 
-    __slots__ = ("work", "owner", "urgent", "group", "n", "t", "finished", "result", "error", "state")
+    __slots__ = ("work", "owner", "urgent", "group", "n", "t", "finished", "result", "error", "state", "stream")
 
-    def __init__(self, work, owner: int):
+    def __init__(self, work, owner: int, stream=None):
         self.work, self.owner = work, owner
+        self.stream = stream  # the caller's CUDA stream (vision work on a GPU: the lane's stream waits for it)
         self.urgent, self.group, self.n = work.urgent, work.group, work.n
         self.t = time.perf_counter()
         self.finished = threading.Event()
@@ -88,7 +89,8 @@ class Scheduler:
     def submit(self, work, owner) -> Any:
         """Run ``work`` (an ``LMWork`` or ``VisionWork``) of stream ``owner`` (its ``PooledKVCacheManager``) in a
         batch and return its result (or raise its error). Blocks the calling thread until then."""
-        request = Request(work, id(owner))
+        cuda = isinstance(work, VisionWork) and work.patches.is_cuda
+        request = Request(work, id(owner), torch.cuda.current_stream(work.patches.device) if cuda else None)
         with self._cond:
             if self._stopped is not None:
                 raise RuntimeError(f"the KV pool's scheduler is stopped ({self._stopped}): make a new KVPool")
@@ -264,7 +266,7 @@ class Scheduler:
         works = [r.work for r in batch]
         try:
             try:
-                results = self._execute(works) if stream is None else self._on_stream(stream, works)
+                results = self._execute(works) if stream is None else self._on_stream(stream, batch)
                 for r, out in zip(batch, results):
                     r.result = out
             except Exception as e:  # noqa: BLE001 (each request is retried alone: only the failing ones fail)
@@ -275,7 +277,7 @@ class Scheduler:
                     for r in batch:
                         try:
                             r.result = (self._execute([r.work]) if stream is None else
-                                        self._on_stream(stream, [r.work]))[0]
+                                        self._on_stream(stream, [r]))[0]
                         except Exception as alone:  # noqa: BLE001 (handed to that request's caller)
                             r.error = alone
             self._count(works)
@@ -284,16 +286,18 @@ class Scheduler:
                 r.state = "done"
                 r.finished.set()
 
-    def _on_stream(self, stream, works: list) -> list:
-        """Vision works on the lane's own CUDA stream -> their outputs, complete and safe to use on the callers' stream."""
-        callers = torch.cuda.default_stream(stream.device)
-        stream.wait_stream(callers)  # the callers' patches are ready
+    def _on_stream(self, stream, batch: list[Request]) -> list:
+        """Vision requests on the lane's own CUDA stream -> their outputs, complete and safe to use on their callers'
+        streams."""
+        callers = {r.stream for r in batch}
+        for caller in callers:  # the callers' patches are ready
+            stream.wait_stream(caller)
         with torch.cuda.stream(stream):
-            outs = self._execute(works)
-        for out in outs:  # (the allocator must not reuse their memory for this stream while the callers read it)
+            outs = self._execute([r.work for r in batch])
+        for r, out in zip(batch, outs):  # (the allocator must not reuse their memory while the caller reads it)
             for t in (out.embeds, out.deepstack):
                 if t is not None:
-                    t.record_stream(callers)
+                    t.record_stream(r.stream)
         stream.synchronize()
         return outs
 
