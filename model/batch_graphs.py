@@ -91,7 +91,7 @@ class BatchGraphs(_Recorder):
             if w.kind != "ids" or w.logits != "last" or w.deepstack is not None or s.tree or s.on_query or not s.live:
                 return None
         rows = sum(w.n for w in works)
-        if rows > cfg.max_graph_rows or len(works) > cfg.max_graph_segments:
+        if rows > cfg.max_graph_rows or len(works) > cfg.max_graph_segments or _pow2(rows) > self.scratch.numel():
             return None
         pages = max(w.segment.table.numel() for w in works)
         block = launch_config(self.group * max(w.n for w in works))[0]

@@ -300,6 +300,9 @@ def test_only_batches_of_questions_and_decode_steps_on_the_triton_kernel_are_cap
     assert pool.buffers[0][0].shape[2] == pool.capacity + pool.scratch.numel()
     pool.close()
     assert graphs.bucket([work()]) is None  # a closed pool's graphs are gone
+    odd = KVPool.for_model(tiny[0], tokens=1024, page=16, max_graph_rows=40)  # 48 scratch slots: no bucket of 64
+    assert odd.scheduler.graphs.bucket([work(n=33)]) is None and odd.scheduler.graphs.bucket([work(n=32)]) is not None
+    odd.close()
     off = KVPool.for_model(tiny[0], tokens=1024, page=16, batch_graphs=False)
     assert off.scratch.numel() == 0 and off.scheduler.graphs.bucket([work()]) is None
     off.close()
