@@ -237,7 +237,8 @@ def test_the_many_streams_benchmark_runs_on_the_tiny_model(tmp_path, arch):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     out = tmp_path / "streams.json"
     proc = subprocess.run([sys.executable, "benchmarks/bench_streams.py", "--tiny", "--streams", "1,3", "--seconds", "4",
-                           "--every", "2", "--arch", arch, "--json", str(out)], cwd=root, capture_output=True, text=True, timeout=600)
+                           "--every", "2", "--arch", arch, "--json", str(out), "--profile", str(tmp_path / "prof")],
+                          cwd=root, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     report = json.loads(out.read_text())
     runs = report["runs"]
@@ -246,6 +247,8 @@ def test_the_many_streams_benchmark_runs_on_the_tiny_model(tmp_path, arch):
     for r in runs:
         assert r["aggregate_frames_per_s"] > 0 and r["ttft_ms"]["n"] == 2 * r["streams"]
         assert r["batching"]["lm_batches"] > 0
+        table = (tmp_path / "prof" / f"profile_n{r['streams']}.txt").read_text()  # every thread's ops, the lanes'
+        assert r["profile"]["wall_s"] > 0 and "aten::" in table
 
 
 @pytest.mark.parametrize("family", ["qwen2_vl", "qwen3_vl", "qwen3_vl_moe"])
