@@ -36,6 +36,7 @@ for s in "$@"; do
     exact-3b) stage exact-3b 380 python3 benchmarks/bench_exact.py --arch qwen2_5_vl-3b --long-tokens 30000 --short-points 1 --long-points 1 --skip-bf16 --json "$OUT/exact_3b.json" ;;
     streams-short) stage streams-short 330 python3 benchmarks/bench_streams.py --streams 1,8,32,128 --seconds 10 --json "$OUT/streams_pool.json" ;;
     serve-short) stage serve-short 380 python3 benchmarks/bench_serve.py --sessions 1,8,32 --seconds 15 --max-n 128 --out "$OUT/serve" ;;
+    serve-min) stage serve-min 330 python3 benchmarks/bench_serve.py --sessions 1,8,32 --seconds 15 --max-n 64 --out "$OUT/serve" ;;
     q25-fast60-prof) stage q25-fast60-prof 100 python3 benchmarks/bench_stream.py --arch qwen2_5_vl-3b --streams fast60 --profile --out "$OUT/q25_3b" ;;
     streams) stage streams 540 python3 benchmarks/bench_streams.py --streams 1,8,32,64,128 --seconds 20 --json "$OUT/streams_pool.json" ;;
     streams-realtime) stage streams-realtime 300 python3 benchmarks/bench_streams.py --mode realtime --streams 100 --seconds 30 --json "$OUT/streams_realtime.json" ;;
