@@ -23,7 +23,8 @@ class OpenAnswer:
     """An ``ask_stream`` answer's hold on its stream, from its first piece until it ends.
 
     ``thread``: the thread that stepped it last (a call from that thread while the answer is open
-    would wait for itself, so it raises). ``done`` is set when the answer ends (exhausted,
+    would wait for itself, so it raises). The ``Thread`` object, not its ident: an ended thread's
+    ident is reused by the next thread started, which would then be taken for the stepper. ``done`` is set when the answer ends (exhausted,
     closed, failed or dropped).
     """
 
@@ -31,7 +32,7 @@ class OpenAnswer:
 
     def __init__(self):
         self.done = threading.Event()
-        self.thread: Optional[int] = None
+        self.thread: Optional[threading.Thread] = None
         self.started = False
 
 
@@ -41,7 +42,7 @@ class Transactional:
     def __init__(self):
         self._lock = threading.RLock()  # held for one call, or for one step of an open answer
         self._answer: Optional[OpenAnswer] = None  # the open ask_stream answer (held between its steps)
-        self._deferred: dict[int, BaseException] = {}  # thread -> what landed after its call committed
+        self._deferred: dict[threading.Thread, BaseException] = {}  # thread -> what landed after its call committed
         self._closed = False
 
     def _acquire(self, answer: Optional[OpenAnswer] = None) -> None:
@@ -50,7 +51,7 @@ class Transactional:
         Waits while another answer is open. Raises what landed after this thread's last commit,
         and RuntimeError for a call made from inside one of the engine's own calls.
         """
-        me = threading.get_ident()
+        me = threading.current_thread()  # the object: idents of ended threads are reused
         if me in self._deferred:
             raise self._deferred.pop(me)
         if self._lock._is_owned():
@@ -110,7 +111,7 @@ class Transactional:
                 self._lock.release()
             if self.kv.state is not txn.state:
                 raise  # the commit itself refused: nothing was committed
-            self._deferred[threading.get_ident()] = exc.with_traceback(None)  # committed: return normally, raise it next call
+            self._deferred[threading.current_thread()] = exc.with_traceback(None)  # committed: return normally, raise it next call
             return result
 
 
