@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # One GPU call, several stages: `bash benchmarks/gpu_session.sh STAGE [STAGE ...]` on the device machine.
 # Logs and JSON/PNG results go to $OUT (what the device tool brings back). Each stage has its own time
-# limit so a slow one cannot eat the call. transformers 5.24 travels as a wheel in .whl/ (the image has 5.17).
+# limit so a slow one cannot eat the call. transformers 5.24 travels as a wheel in .whl/ (the image has 5.17), and so
+# do the server's packages for the serve stages: fastapi with opentelemetry-api and annotated-doc (fastapi >= 0.16x
+# imports them), starlette, pydantic(-core), annotated-types, typing-inspection, typing-extensions, uvicorn,
+# websockets, httptools, h11, click, anyio, sniffio, httpx, httpcore, certifi, idna (`pip download --no-deps`).
 set -u
 OUT=${OUT:-out}
 mkdir -p "$OUT"
