@@ -159,6 +159,12 @@ def scrape(url: str) -> dict:
     return out
 
 
+def pool_counters(url: str) -> dict:
+    """The pool's scheduler counters (``vsq_pool_*_total``) -> {name: value}; {} without a pool."""
+    return {name[len("vsq_pool_"):-len("_total")]: v for name, v in scrape(url).items()
+            if name.startswith("vsq_pool_") and name.endswith("_total")}
+
+
 # ---------------------------------------------------------------- the cameras
 def load_frames(args, size: tuple[int, int]) -> list[bytes]:
     """One looped video, JPEG-encoded once (payloads only; each send adds its own header)."""
@@ -193,12 +199,17 @@ async def run_n(n: int, url: str, args, payloads, size, server_pid) -> dict:
                 pass
 
     sampler = asyncio.create_task(sample())
+    counters0 = await asyncio.to_thread(pool_counters, url)
     cpu0, wall0 = cpu_seconds(server_pid) if server_pid else float("nan"), time.perf_counter()
     await cameras(n, url, args, payloads, size, results)
     stop.set()
     await sampler
     cpu = (cpu_seconds(server_pid) - cpu0) / (time.perf_counter() - wall0) if server_pid else float("nan")
-    return summarize(n, args, results, memory, cpu)
+    counters1 = await asyncio.to_thread(pool_counters, url)
+    out = summarize(n, args, results, memory, cpu)
+    # what the pool's scheduler ran for these N sessions (None without a pool): batches, their sizes, graph replays
+    out["pool"] = {k: counters1[k] - counters0[k] for k in counters1} if counters0 and counters1 else None
+    return out
 
 
 async def cameras(n, url, args, payloads, size, results):

@@ -31,5 +31,7 @@ def test_bench_serve_measures_each_n_and_writes_its_report(tmp_path):
         assert r["frames_ingested"] == r["frames_sent"]
         assert 0 < r["engine_ttft_ms"]["p50"] <= r["ttft_ms"]["p50"] and r["overhead_ms"]["p50"] >= 0
         assert r["memory_gib_max"] > 0 and r["server_cpu_cores"] > 0 and r["realtime"] is True
+        pool = r["pool"]  # the scheduler's counters over this N: every chunk's grids and every question went through it
+        assert pool["vision_grids"] * 2 >= r["frames_ingested"] and pool["lm_segments"] >= r["questions"], pool
     assert (out / "bench_serve.png").stat().st_size > 10_000
     assert '"event": "session_created"' in (out / "server.log").read_text()
