@@ -122,12 +122,14 @@ class PoolConfig:
     max_graph_rows: int = 256  # ... of at most this many rows
     max_graph_segments: int = 32  # ... and segments
     max_graphs: int = 64  # buckets captured at most (a batch of a bucket beyond them runs eagerly)
+    graph_question_rows: int = 64  # a batch with questions is padded to this many rows a segment (a power of two), so
+    # one graph per segment count serves every question up to it, and warm_graphs captures it ahead
 
     def __post_init__(self) -> None:
         if not isinstance(self.batch_graphs, bool):
             raise TypeError(f"PoolConfig.batch_graphs must be a bool, got {self.batch_graphs!r}")
         for name in ("tokens", "page", "max_batch_tokens", "max_batch_segments", "max_vision_patches", "max_graph_rows",
-                     "max_graph_segments", "max_graphs"):
+                     "max_graph_segments", "max_graphs", "graph_question_rows"):
             value = getattr(self, name)
             if not _is_int(value):
                 raise TypeError(f"PoolConfig.{name} must be an int, got {value!r}")
@@ -135,6 +137,8 @@ class PoolConfig:
                 raise ValueError(f"PoolConfig.{name} must be >= 1, got {value}")
         if self.page < 16 or self.page & (self.page - 1):
             raise ValueError(f"PoolConfig.page must be a power of two >= 16, got {self.page}")
+        if self.graph_question_rows & (self.graph_question_rows - 1):
+            raise ValueError(f"PoolConfig.graph_question_rows must be a power of two, got {self.graph_question_rows}")
         if self.tokens < self.page:
             raise ValueError(f"PoolConfig.tokens={self.tokens} must hold at least one page of {self.page}")
         for name in ("batch_window_ms", "max_wait_ms"):

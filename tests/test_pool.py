@@ -221,6 +221,8 @@ def test_bad_pool_arguments_are_refused(tiny):
         PoolConfig(tokens=1.5)
     with pytest.raises(ValueError, match="batch_window_ms"):
         PoolConfig(batch_window_ms=-1)
+    with pytest.raises(ValueError, match="graph_question_rows must be a power of two"):
+        PoolConfig(graph_question_rows=48)
     pool = KVPool.for_model(model, tokens=256, page=16)
     with pytest.raises(TypeError, match="pool must be a KVPool"):
         VideoStreamInference(model, proc, pool="pool")
@@ -274,7 +276,8 @@ def test_only_batches_of_questions_and_decode_steps_on_the_triton_kernel_are_cap
     the row and segment caps; padding rows have scratch slots past the pool's pages, which no stream can own."""
     from types import SimpleNamespace as NS
 
-    pool = KVPool.for_model(tiny[0], tokens=1024, page=16, max_graph_rows=64, max_graph_segments=4)
+    pool = KVPool.for_model(tiny[0], tokens=1024, page=16, max_graph_rows=64, max_graph_segments=4,
+                            graph_question_rows=32)
     graphs = pool.scheduler.graphs
 
     def work(n=3, kind="ids", logits="last", tree=None, live=True, pages=2):
@@ -283,14 +286,23 @@ def test_only_batches_of_questions_and_decode_steps_on_the_triton_kernel_are_cap
 
     from model.triton_attention import launch_config
 
-    # rows and segments to powers of two, >= 16 pages, the kernel's row block of the longest segment
-    assert graphs.bucket([work(), work(n=1)]) == (4, 2, 16, launch_config(graphs.group * 3)[0])
-    assert graphs.bucket([work(n=1)] * 3)[:3] == (4, 4, 16)
+    # segments to powers of two, >= 16 pages; questions padded to graph_question_rows (32) rows a segment with
+    # the kernel's row block of 32 rows, so questions of any length up to it share a bucket; decode steps alone
+    # to powers of two
+    q32 = launch_config(graphs.group * 32)[0]
+    assert graphs.bucket([work(), work(n=1)]) == (64, 2, 16, q32)
+    assert graphs.bucket([work(n=5)]) == graphs.bucket([work(n=20)]) == graphs.bucket([work(n=32)]) == (32, 1, 16, q32)
+    assert graphs.bucket([work(n=33)]) == (64, 1, 16, launch_config(graphs.group * 33)[0])  # longer: its own bucket
+    # three questions: 4 x 32 padded rows would pass max_graph_rows (64), so their 60 rows go to a power of two
+    assert graphs.bucket([work(n=20)] * 3) == (64, 4, 16, launch_config(graphs.group * 20)[0])
+    assert graphs.bucket([work(n=1)] * 3) == (4, 4, 16, launch_config(graphs.group)[0])
     assert graphs.bucket([work(pages=40)])[2] == 64 and graphs.bucket([work(pages=65)])[2] == 256
     keys = graphs.keys(streams=5, tokens=2000)  # 125 pages of 16: buckets of 16, 64 and 256 pages
     assert {k[2] for k in keys} == {16, 64, 256} and {k[1] for k in keys} == {1, 2, 4}  # (max_graph_segments)
     assert all(k[0] <= 64 for k in keys) and (1, 1, 16, launch_config(graphs.group)[0]) in keys
-    assert (32, 1, 16, launch_config(graphs.group * 32)[0]) in keys and (64, 2, 256, 64) in keys
+    assert (32, 1, 16, q32) in keys and (64, 2, 256, q32) in keys  # what questions of up to 32 rows replay
+    for batch in ([work(n=7)], [work(n=30, pages=100)], [work(n=2), work(n=1)], [work(n=1)] * 4):
+        assert graphs.bucket(batch) in keys, batch
     assert pool.warm_graphs(streams=5, tokens=2000) == 0  # the CPU captures nothing ahead
     for bad in (work(kind="embeds"), work(kind="probe"), work(logits="all", tree=(2, 3)), work(live=False),
                 work(n=65)):
