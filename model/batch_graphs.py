@@ -8,8 +8,8 @@ and replays them with the batch's data copied into static buffers.
 A bucket is (R rows, S segments, P pages per segment, the kernel's row block): a batch of N <= R
 rows in S' <= S segments, each over at most P pages of its stream, fits it. A batch with questions
 is padded to ``PoolConfig.graph_question_rows`` rows a segment, so a question of any length up to
-it replays the bucket the warm-up captured (padding rows cost little in a launch-bound forward). Padding rows write their
-K/V into scratch slots past the pool's pages (``KVPool.scratch``), which no stream owns and no
+it replays the bucket the warm-up captured (padding rows cost little in a launch-bound forward).
+Padding rows write their K/V into scratch slots past the pool's pages (``KVPool.scratch``), which no stream owns and no
 block table names; padding segments have no rows and no keys, and padding programs of the kernel
 belong to a padding segment. Only the Triton kernel takes static tables, so only batches whose
 segments all run it (``PagedSegment.live``) and that need the last row's logits (questions, decode
@@ -96,18 +96,25 @@ class BatchGraphs(_Recorder):
         if rows > cfg.max_graph_rows or len(works) > cfg.max_graph_segments or _pow2(rows) > self.scratch.numel():
             return None
         pages = _pages(max(w.segment.table.numel() for w in works))
-        q = cfg.graph_question_rows
-        if 1 < longest <= q and q * segments <= min(cfg.max_graph_rows, self.scratch.numel()):
-            # questions: padded to q rows a segment, so that questions of every length share the bucket that
-            # warm_graphs captured (run 23: the server's questions, 30-60 rows, missed the warmed buckets)
-            return q * segments, segments, pages, launch_config(self.group * q)[0]
+        if 1 < longest <= cfg.graph_question_rows:
+            # questions: padded, so that questions of every length share the bucket warm_graphs captured (run 23:
+            # the server's questions were longer than the 32 rows then warmed, and each bucket was captured when met)
+            padded = self._question_bucket(segments, pages)
+            if padded is not None:
+                return padded
         return _pow2(rows), segments, pages, launch_config(self.group * longest)[0]
+
+    def _question_bucket(self, segments: int, pages: int) -> Optional[tuple]:
+        """The bucket of ``segments`` questions padded to ``graph_question_rows`` rows each, or None if too many rows."""
+        q = self.config.graph_question_rows
+        if q * segments > min(self.config.max_graph_rows, self.scratch.numel()):
+            return None
+        return q * segments, segments, pages, launch_config(self.group * q)[0]
 
     def keys(self, streams: int, tokens: int) -> list[tuple]:
         """The buckets of decode steps of 1, 2, 4, ... up to ``streams`` streams and of 1, 2, 4 questions (of up to
         ``graph_question_rows`` rows each), for streams of up to ``tokens`` slots (every pages bucket up to theirs)."""
         cfg, out = self.config, []
-        q = cfg.graph_question_rows
         most = min(streams, cfg.max_graph_segments)
         pages, p = [], 16
         while True:
@@ -119,8 +126,9 @@ class BatchGraphs(_Recorder):
             s = 1
             while s <= _pow2(most):
                 out.append((s, s, p, launch_config(self.group)[0]))
-                if s <= 4 and s * q <= min(cfg.max_graph_rows, self.scratch.numel()):
-                    out.append((s * q, s, p, launch_config(self.group * q)[0]))
+                question = self._question_bucket(s, p) if s <= 4 else None
+                if question is not None:
+                    out.append(question)
                 s *= 2
         return out
 

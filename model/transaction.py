@@ -24,8 +24,8 @@ class OpenAnswer:
 
     ``thread``: the thread that stepped it last (a call from that thread while the answer is open
     would wait for itself, so it raises). The ``Thread`` object, not its ident: an ended thread's
-    ident is reused by the next thread started, which would then be taken for the stepper. ``done`` is set when the answer ends (exhausted,
-    closed, failed or dropped).
+    ident is reused by the next thread started, which would then be taken for the stepper.
+    ``done`` is set when the answer ends (exhausted, closed, failed or dropped).
     """
 
     __slots__ = ("done", "thread", "started")
